@@ -1,0 +1,65 @@
+"""The `tutum-bridge` entry point: one verb per job, and one exit-code policy.
+
+Each verb lives in its own module exposing `add_arguments(parser)` and
+`main(args) -> int`; modules are imported only when their verb runs, so `--help` and
+the simulator stay light. Whatever a verb raises ends here as one line on stderr and
+the exit code of SPEC section 6 -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from bridge import __version__
+from bridge.errors import EXIT_CONFIG, EXIT_FAILURE, BridgeError
+
+VERBS = {
+    "run": ("bridge.app", "run the bridge: stream -> RabbitMQ (the default verb)"),
+    "simulate": ("bridge.simulator.cli", "serve a Tutum-compatible event stream"),
+    "tail": ("bridge.tools.tail", "print events matching routing-key patterns, live"),
+    "bind": ("bridge.tools.bind", "declare a durable queue bound to routing-key patterns"),
+    "demo": ("bridge.tools.demo", "simulator, bridge and tail together, for a first look"),
+    "bench": ("bridge.bench.cli", "throughput and latency benchmark against a naive bridge"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2 (argparse prints usage too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"tutum-bridge: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_CONFIG)
+
+
+def build_parser(verb: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog="tutum-bridge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tutum-bridge {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (module, help_text) in VERBS.items():
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        if name == verb:
+            importlib.import_module(module).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "run")
+    verb = argv[0] if argv[0] in VERBS else None
+    try:
+        args = build_parser(verb).parse_args(argv)
+        if args.verb is None:
+            build_parser(None).print_help()
+            return EXIT_CONFIG
+        return importlib.import_module(VERBS[args.verb][0]).main(args)
+    except BridgeError as exc:
+        sys.stderr.write(f"tutum-bridge: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the promise is: never a traceback
+        sys.stderr.write(f"tutum-bridge: unexpected error: {type(exc).__name__}: {exc}\n")
+        return EXIT_FAILURE

@@ -1,0 +1,438 @@
+"""All configuration, in one place.
+
+Each setting has an environment variable and a matching command-line flag; the flag
+wins. `load` validates everything at start, so a bad value is one clear line and exit
+code 2 before anything connects anywhere. Nothing else in the package reads
+`os.environ`.
+
+Secrets (the API key, `TUTUM_AUTH`, the AMQP password) are kept in the returned
+`Config` but never in its `repr`, and `redact_url` is the only way a URL reaches a log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+from bridge.errors import ConfigError
+
+DEFAULT_STREAM_HOST = "wss://stream.tutum.co"
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
+
+
+# --- value parsers: each raises ValueError with a short reason ----------------------
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """`512MiB`, `2GB`, `1048576` -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("expected a size such as 1048576, 512MiB or 2GB")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError("must be positive")
+    return size
+
+
+def parse_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def parse_positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return text.lower()
+    return parse
+
+
+def parse_addr(text: str) -> tuple[str, int] | None:
+    """`127.0.0.1:9120` -> (host, port); empty -> None (off)."""
+    if not text.strip():
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT, or empty to turn it off")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_stream_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError("expected a ws:// or wss:// URL")
+    return text
+
+
+def parse_stream_host(text: str) -> str:
+    parse_stream_url(text)
+    return text.rstrip("/")
+
+
+def parse_amqp_urls(text: str) -> tuple[str, ...]:
+    urls = tuple(u.strip() for u in text.split(",") if u.strip())
+    if not urls:
+        raise ValueError("expected at least one amqp:// or amqps:// URL")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError(f"{redact_url(url)} is not an amqp:// or amqps:// URL")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"{redact_url(url)} has a bad port") from None
+    return urls
+
+
+def parse_exchange_name(text: str) -> str:
+    if not text or len(text.encode()) > 255 or text.startswith("amq."):
+        raise ValueError("expected a name of 1 to 255 bytes not starting with amq.")
+    return text
+
+
+def parse_existing_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no readable file at {path}")
+    return path
+
+
+# --- secrets in URLs -----------------------------------------------------------------
+
+_SECRET_QUERY_KEYS = {"token", "apikey", "api_key", "password"}
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password and token replaced by `***`, safe for logs."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None or "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
+        query = urlencode(
+            [(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v)
+             for k, v in parse_qsl(parts.query, keep_blank_values=True)],
+            safe="*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparseable url>"
+
+
+# --- the settings table --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration value: its variable, its flag, its default, how to parse it."""
+
+    name: str                      # attribute on Config
+    env: str | None
+    help: str
+    default: str | None = None     # as text, parsed like any other value
+    parse: Callable[[str], object] = str
+    secret: bool = False
+    flag_value: bool = False       # a flag that takes no argument (sets "true")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+STREAM_SETTINGS = (
+    Setting("user", "TUTUM_USER", "Tutum user name"),
+    Setting("apikey", "TUTUM_APIKEY", "Tutum API key (prefer --apikey-file)", secret=True),
+    Setting("apikey_file", "TUTUM_APIKEY_FILE", "file holding the Tutum API key",
+            parse=parse_existing_file),
+    Setting("auth", "TUTUM_AUTH", "verbatim Authorization header, instead of user and key",
+            secret=True),
+    Setting("stream_host", "TUTUM_STREAM_HOST", "stream host; events are at /v1/events",
+            DEFAULT_STREAM_HOST, parse_stream_host),
+    Setting("stream_url", "TUTUM_STREAM_URL", "full events URL; overrides the host",
+            parse=parse_stream_url),
+    Setting("ca_file", "TUTUM_CA_FILE", "CA bundle to verify the stream's TLS certificate",
+            parse=parse_existing_file),
+    Setting("ping_interval", "BRIDGE_PING_INTERVAL", "seconds between websocket pings",
+            "5", parse_seconds),
+    Setting("ping_timeout", "BRIDGE_PING_TIMEOUT", "seconds to wait for a pong",
+            "5", parse_seconds),
+    Setting("max_frame_bytes", "BRIDGE_MAX_FRAME_BYTES",
+            "largest frame accepted; larger ones are quarantined", "1MiB", parse_size),
+    Setting("retry_unauthorized", "BRIDGE_RETRY_UNAUTHORIZED",
+            "keep retrying when the stream says UNAUTHORIZED instead of exiting 3",
+            "false", parse_bool, flag_value=True),
+)
+
+AMQP_SETTINGS = (
+    Setting("amqp_url", "AMQP_URL", "broker URL; a comma-separated list for a cluster",
+            DEFAULT_AMQP_URL, parse_amqp_urls, secret=True),
+    Setting("amqp_password_file", "AMQP_PASSWORD_FILE",
+            "file holding the AMQP password (replaces the one in the URL)",
+            parse=parse_existing_file),
+    Setting("amqp_ca_file", "AMQP_CA_FILE", "CA bundle to verify the broker (amqps://)",
+            parse=parse_existing_file),
+    Setting("amqp_cert_file", "AMQP_CERT_FILE", "client certificate for amqps://",
+            parse=parse_existing_file),
+    Setting("amqp_key_file", "AMQP_KEY_FILE", "client certificate key for amqps://",
+            parse=parse_existing_file),
+    Setting("exchange", "BRIDGE_EXCHANGE", "topic exchange events are published to",
+            "tutum.events", parse_exchange_name),
+)
+
+TOPOLOGY_SETTINGS = (
+    Setting("unrouted", "BRIDGE_UNROUTED",
+            "alternate exchange and queue for events no binding matches",
+            "tutum.unrouted", parse_exchange_name),
+    Setting("quarantine", "BRIDGE_QUARANTINE", "queue for frames that are not valid events",
+            "tutum.invalid", parse_exchange_name),
+)
+
+RUN_SETTINGS = (
+    Setting("state_dir", "BRIDGE_STATE_DIR", "directory for the spool",
+            parse=lambda t: Path(t).expanduser()),
+    Setting("spool", "BRIDGE_SPOOL", "on-disk spool path (default: STATE_DIR/spool.sqlite3)",
+            parse=lambda t: Path(t).expanduser()),
+    Setting("spool_max_bytes", "BRIDGE_SPOOL_MAX_BYTES",
+            "spool capacity; when full the bridge stops reading the stream", "2GiB", parse_size),
+    Setting("spool_sync", "BRIDGE_SPOOL_SYNC",
+            "normal: survives a process crash; full: survives power loss too",
+            "normal", parse_choice("normal", "full")),
+    Setting("inflight", "BRIDGE_INFLIGHT", "most published events awaiting a confirm",
+            "2000", parse_positive_int),
+    Setting("reconnect_max", "BRIDGE_RECONNECT_MAX", "cap of the reconnect backoff, seconds",
+            "30", parse_seconds),
+    Setting("shutdown_timeout", "BRIDGE_SHUTDOWN_TIMEOUT",
+            "seconds allowed on SIGTERM to publish and confirm what is pending", "10",
+            parse_seconds),
+    Setting("metrics_addr", "BRIDGE_METRICS_ADDR", "metrics and health listener, empty: off",
+            "127.0.0.1:9120", parse_addr),
+)
+
+LOG_SETTINGS = (
+    Setting("log_level", "LOG_LEVEL", "debug, info, warning or error",
+            "info", parse_choice("debug", "info", "warning", "error")),
+    Setting("log_format", "LOG_FORMAT", "json or console",
+            "json", parse_choice("json", "console")),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings: tuple[Setting, ...]) -> None:
+    """Add one flag per setting. Defaults stay None so the environment can fill them."""
+    for s in settings:
+        env = f" [env {s.env}]" if s.env else ""
+        default = f" (default {s.default})" if s.default is not None and not s.secret else ""
+        if s.flag_value:
+            parser.add_argument(s.flag, dest=s.name, action="store_const", const="true",
+                                default=None, help=s.help + env)
+        else:
+            parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.upper(),
+                                help=s.help + env + default)
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str],
+            settings: tuple[Setting, ...]) -> dict[str, object]:
+    """Flag, else environment, else default; each value parsed or ConfigError."""
+    values: dict[str, object] = {}
+    for s in settings:
+        text = getattr(args, s.name, None)
+        source = s.flag
+        if text is None and s.env and environ.get(s.env, "") != "":
+            text, source = environ[s.env], s.env
+        if text is None:
+            text, source = s.default, "default"
+        if text is None:
+            values[s.name] = None
+            continue
+        try:
+            values[s.name] = s.parse(text)
+        except ValueError as exc:
+            shown = "" if s.secret else f" {text!r}"
+            raise ConfigError(f"{source}:{shown} {exc}") from None
+    return values
+
+
+# --- the configuration of the `run` verb ---------------------------------------------
+
+@dataclass(frozen=True)
+class AmqpConfig:
+    """Where and how to reach the broker; shared by run, tail, bind and bench."""
+
+    urls: tuple[str, ...] = field(repr=False)
+    exchange: str = "tutum.events"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def redacted_urls(self) -> list[str]:
+        return [redact_url(u) for u in self.urls]
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A verifying context for amqps:// (None for amqp://)."""
+        if not any(u.startswith("amqps:") for u in self.urls):
+            return None
+        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        if self.cert_file:
+            context.load_cert_chain(str(self.cert_file),
+                                    str(self.key_file) if self.key_file else None)
+        return context
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Where the stream is and how to authenticate; the websocket side sees only this."""
+
+    url: str = field(repr=False)              # may carry ?token=...: never log it raw
+    headers: tuple[str, ...] = field(repr=False, default=())
+    ca_file: Path | None = None
+    ping_interval: float = 5.0
+    ping_timeout: float = 5.0
+    max_frame_bytes: int = 1024 * 1024
+    retry_unauthorized: bool = False
+    reconnect_max: float = 30.0
+    secrets: tuple[str, ...] = field(repr=False, default=())
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.url)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `tutum-bridge run` needs, validated."""
+
+    stream: StreamConfig
+    amqp: AmqpConfig
+    unrouted: str
+    quarantine: str
+    spool_path: Path
+    spool_max_bytes: int
+    spool_sync: str
+    inflight: int
+    reconnect_max: float
+    shutdown_timeout: float
+    metrics_addr: tuple[str, int] | None
+    log_level: str
+    log_format: str
+    secrets: tuple[str, ...] = field(repr=False, default=())
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"{what} file {path} is empty")
+    return value
+
+
+def amqp_config(values: Mapping[str, object]) -> tuple[AmqpConfig, tuple[str, ...]]:
+    """The broker settings, with the password file applied; also the secrets to hide."""
+    urls = values["amqp_url"]
+    if values.get("amqp_password_file"):
+        password = read_secret_file(values["amqp_password_file"], "AMQP password")
+        urls = tuple(_with_password(u, password) for u in urls)
+    secrets = tuple(unquote(p) for p in (urlsplit(u).password for u in urls) if p)
+    if values.get("amqp_key_file") and not values.get("amqp_cert_file"):
+        raise ConfigError("AMQP_KEY_FILE is set without AMQP_CERT_FILE")
+    return AmqpConfig(urls=urls, exchange=values["exchange"],
+                      ca_file=values.get("amqp_ca_file"),
+                      cert_file=values.get("amqp_cert_file"),
+                      key_file=values.get("amqp_key_file")), secrets
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    user = parts.username or "guest"
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def stream_config(values: Mapping[str, object],
+                  reconnect_max: float = 30.0) -> tuple[StreamConfig, tuple[str, ...]]:
+    """The stream settings with authentication resolved; also the secrets to hide.
+
+    A verbatim `TUTUM_AUTH` wins; otherwise user and key go in the query string, the
+    documented form.
+    """
+    apikey = values.get("apikey")
+    if values.get("apikey_file"):
+        apikey = read_secret_file(values["apikey_file"], "TUTUM_APIKEY")
+    auth, user = values.get("auth"), values.get("user")
+    url = values.get("stream_url") or f"{values['stream_host']}/v1/events"
+    headers: tuple[str, ...] = ()
+    if auth:
+        headers = (f"Authorization: {auth}",)
+        secrets: tuple[str, ...] = (auth,) + ((apikey,) if apikey else ())
+    elif user and apikey:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True) + [("token", apikey), ("user", user)]
+        url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+        secrets = (apikey,)
+    else:
+        missing = "TUTUM_APIKEY (or TUTUM_APIKEY_FILE)" if user else "TUTUM_USER"
+        raise ConfigError(f"missing credentials: set {missing}, or TUTUM_AUTH")
+    return StreamConfig(
+        url=url, headers=headers, ca_file=values.get("ca_file"),
+        ping_interval=values["ping_interval"], ping_timeout=values["ping_timeout"],
+        max_frame_bytes=values["max_frame_bytes"],
+        retry_unauthorized=values["retry_unauthorized"], reconnect_max=reconnect_max,
+        secrets=secrets), secrets
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    """systemd's STATE_DIRECTORY, else XDG's state home, else ~/.local/state."""
+    if environ.get("STATE_DIRECTORY"):
+        return Path(environ["STATE_DIRECTORY"].split(":")[0])
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tutum-bridge"
+
+
+ALL_RUN_SETTINGS = STREAM_SETTINGS + AMQP_SETTINGS + TOPOLOGY_SETTINGS + RUN_SETTINGS + LOG_SETTINGS
+
+
+def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """The validated `run` configuration, or ConfigError with one clear line."""
+    environ = os.environ if environ is None else environ
+    values = resolve(args, environ, ALL_RUN_SETTINGS)
+    stream, stream_secrets = stream_config(values, values["reconnect_max"])
+    amqp, amqp_secrets = amqp_config(values)
+    state_dir = values["state_dir"] or default_state_dir(environ)
+    return Config(
+        stream=stream, amqp=amqp,
+        unrouted=values["unrouted"], quarantine=values["quarantine"],
+        spool_path=values["spool"] or state_dir / "spool.sqlite3",
+        spool_max_bytes=values["spool_max_bytes"], spool_sync=values["spool_sync"],
+        inflight=values["inflight"], reconnect_max=values["reconnect_max"],
+        shutdown_timeout=values["shutdown_timeout"], metrics_addr=values["metrics_addr"],
+        log_level=values["log_level"], log_format=values["log_format"],
+        secrets=stream_secrets + amqp_secrets)

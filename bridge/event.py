@@ -1,0 +1,150 @@
+"""The message between the stream and the broker: `Event`, and how a frame becomes one.
+
+`classify` is the one place that decides what a frame is: a routable event (with its
+routing key and headers), a handshake frame to skip (`auth`), or something to
+quarantine with a machine-readable reason. It never raises for any input, never
+re-serialises the body, and bounds everything it puts in headers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from bridge.routing import routing_key, routing_word
+
+HEADER_VALUE_MAX = 1024      # characters of any one string header value
+PARENTS_MAX = 64             # entries in the `parents` list header
+EXCERPT_MAX = 200            # characters of a quarantined frame shown in a log line
+
+_PARENT_URI = re.compile(r"/api/v1/([^/]+)/([^/]+)/?\Z")
+
+
+@dataclass(slots=True)
+class Event:
+    """One message to publish, from the moment it is received.
+
+    `headers` are the AMQP headers the SPEC promises; `quarantined` events go to the
+    quarantine queue instead of the topic exchange. The spool adds the sequence
+    number, from which the publisher derives `message_id`.
+    """
+
+    routing_key: str
+    body: bytes
+    received_at: float
+    headers: dict[str, object] = field(default_factory=dict)
+    quarantined: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+
+class Reason:
+    """Machine-readable quarantine reasons (the `x-quarantine-reason` header)."""
+
+    OVERSIZE = "oversize"
+    BINARY = "binary-frame"
+    INVALID_UTF8 = "invalid-utf8"
+    NUL_BYTE = "nul-byte"
+    INVALID_JSON = "invalid-json"
+    TOO_DEEP = "too-deep"
+    DUPLICATE_KEYS = "duplicate-keys"
+    NOT_AN_OBJECT = "not-an-object"
+    MISSING_TYPE = "missing-type"
+    TYPE_NOT_STRING = "type-not-string"
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _Duplicate
+    return obj
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+_decoder = json.JSONDecoder(object_pairs_hook=_object_without_duplicates,
+                            parse_constant=_reject_constant)
+
+
+def quarantine(body: bytes, received_at: float, reason: str, detail: str,
+               *, binary: bool = False, size: int | None = None) -> Event:
+    """An event for the quarantine queue; `size` is the frame's size when `body` is cut."""
+    headers: dict[str, object] = {
+        "x-quarantine-reason": reason,
+        "x-quarantine-detail": detail[:HEADER_VALUE_MAX],
+        "x-frame-opcode": "binary" if binary else "text",
+        "x-frame-bytes": len(body) if size is None else size,
+    }
+    if size is not None and size > len(body):
+        headers["x-truncated"] = True
+    return Event(f"invalid.{reason}", body, received_at, headers, quarantined=True)
+
+
+def classify(body: bytes, received_at: float, *, binary: bool = False) -> Event | None:
+    """The event for one complete frame, or None for a handshake (`auth`) frame."""
+    if binary:
+        return quarantine(body, received_at, Reason.BINARY, "binary frame", binary=True)
+    if b"\x00" in body:
+        return quarantine(body, received_at, Reason.NUL_BYTE, "frame contains a NUL byte")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return quarantine(body, received_at, Reason.INVALID_UTF8, str(exc))
+    try:
+        obj = _decoder.decode(text)
+    except _Duplicate:
+        return quarantine(body, received_at, Reason.DUPLICATE_KEYS, "an object repeats a key")
+    except RecursionError:
+        return quarantine(body, received_at, Reason.TOO_DEEP, "JSON nested too deeply")
+    except ValueError as exc:
+        return quarantine(body, received_at, Reason.INVALID_JSON, str(exc))
+    if not isinstance(obj, dict):
+        return quarantine(body, received_at, Reason.NOT_AN_OBJECT,
+                          f"JSON {type(obj).__name__}, not an object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        if "type" not in obj:
+            return quarantine(body, received_at, Reason.MISSING_TYPE, "no type field")
+        return quarantine(body, received_at, Reason.TYPE_NOT_STRING,
+                          f"type is a JSON {type(kind).__name__}")
+    if kind == "auth":
+        return None
+    key, type_word, action_word = routing_key(kind, obj.get("action"))
+    return Event(key, body, received_at, event_headers(obj, type_word, action_word))
+
+
+def event_headers(obj: dict, type_word: str, action_word: str) -> dict[str, object]:
+    """`type`, `action`, `state`, `resource_uri`, `parents` and `parent-<kind>` headers."""
+    headers: dict[str, object] = {"type": type_word, "action": action_word}
+    state = obj.get("state")
+    if isinstance(state, str):
+        headers["state"] = state[:HEADER_VALUE_MAX]
+    uri = obj.get("resource_uri")
+    if isinstance(uri, str):
+        headers["resource_uri"] = uri[:HEADER_VALUE_MAX]
+    parents = obj.get("parents")
+    if isinstance(parents, list) and parents:
+        kept = [p[:HEADER_VALUE_MAX] for p in parents[:PARENTS_MAX] if isinstance(p, str)]
+        headers["parents"] = kept
+        for uri in kept:
+            match = _PARENT_URI.match(uri)
+            if match:
+                name = "parent-" + routing_word(match.group(1))
+                headers.setdefault(name, match.group(2))
+    return headers
+
+
+def excerpt(body: bytes) -> str:
+    """A short, printable, single-line view of a frame, safe to put in a log."""
+    text = body[:EXCERPT_MAX].decode("utf-8", "backslashreplace")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text + ("..." if len(body) > EXCERPT_MAX else "")

@@ -1,0 +1,46 @@
+"""Fixtures shared by every test: unique broker names, and the real processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import procs
+from tests.support.broker import Topology
+
+
+@pytest.fixture
+def topology():
+    """Unique exchange/queue names for this test, deleted afterwards."""
+    topo = Topology()
+    yield topo
+    topo.cleanup()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """Collects started processes and stops whatever is still running at teardown."""
+    started: list[procs.Proc] = []
+    yield started
+    for proc in started:
+        proc.stop(timeout=15)
+
+
+@pytest.fixture
+def simulator(tmp_path, processes):
+    """Factory: simulator(*flags) -> a started simulator Proc."""
+    def start(*flags: str, name: str = "simulator", **kw) -> procs.Proc:
+        proc = procs.start_simulator(tmp_path, *flags, name=name, **kw)
+        processes.append(proc)
+        return proc
+    return start
+
+
+@pytest.fixture
+def bridge(tmp_path, processes, topology):
+    """Factory: bridge(sim, *flags, **env) -> a started bridge Proc for this topology."""
+    def start(sim: procs.Proc, *flags: str, name: str = "bridge", **env: str) -> procs.Proc:
+        full_env = procs.bridge_env(sim, tmp_path, topology.bridge_env(), **env)
+        proc = procs.start_bridge(tmp_path, full_env, *flags, name=name)
+        processes.append(proc)
+        return proc
+    return start
