@@ -1,0 +1,66 @@
+"""`tutum-bridge bind QUEUE PATTERN ...`: declare a worker's durable queue and its bindings.
+
+Everything here is idempotent, so a worker's start script or a deployment job can
+run it every time: the exchange is declared exactly as the bridge declares it, the
+queue durable (classic, or quorum with `--quorum` for a replicated queue on a
+cluster), and each pattern bound. Declaring the queue before the worker first runs
+means no event is missed while the worker is not yet up. A name that already exists
+with another type or other arguments is refused by the broker: exit 4 with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pika.exceptions
+
+from bridge.config import add_arguments as add_setting_arguments
+from bridge.config import amqp_config, parse_exchange_name, resolve
+from bridge.errors import EXIT_OK, ConfigError
+from bridge.tools import broker
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("queue", metavar="QUEUE", help="durable queue to declare")
+    parser.add_argument("patterns", metavar="PATTERN", nargs="+",
+                        help="routing-key pattern such as container.* or *.delete")
+    parser.add_argument("--quorum", action="store_true",
+                        help="a quorum queue (x-queue-type quorum), replicated on a cluster; "
+                             "a queue's type cannot change once declared")
+    add_setting_arguments(parser, broker.SETTINGS)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        parse_exchange_name(args.queue)   # queue names follow the same rules
+    except ValueError as exc:
+        raise ConfigError(f"QUEUE {args.queue!r}: {exc}") from None
+    values = resolve(args, os.environ, broker.SETTINGS)
+    amqp, secrets = amqp_config(values)
+    kind = "quorum" if args.quorum else "classic"
+    # A classic queue is declared without x-queue-type, which also matches a classic
+    # queue somebody declared by hand without it.
+    arguments = {"x-queue-type": "quorum"} if args.quorum else None
+    connection = broker.connect(amqp, secrets, "bind")
+    try:
+        channel = connection.channel()
+        broker.declare_exchange(channel, amqp.exchange, values["unrouted"])
+        try:
+            declared = channel.queue_declare(args.queue, durable=True, arguments=arguments)
+        except pika.exceptions.AMQPError as exc:
+            raise broker.refusal(exc, f"declare {kind} queue {args.queue!r}") from None
+        try:
+            for pattern in args.patterns:
+                channel.queue_bind(args.queue, amqp.exchange, pattern)
+        except pika.exceptions.AMQPError as exc:
+            raise broker.refusal(exc, f"bind queue {args.queue!r} to {amqp.exchange!r}") from None
+    finally:
+        broker.close(connection)
+    waiting = declared.method.message_count
+    sys.stdout.write(
+        f"declared durable {kind} queue {args.queue!r} bound to {amqp.exchange!r} with "
+        f"{', '.join(repr(p) for p in args.patterns)} ({waiting} message"
+        f"{'' if waiting == 1 else 's'} waiting)\n")
+    return EXIT_OK
