@@ -1,0 +1,180 @@
+"""The worker-side tools against the real broker: bind, tail, and the demo.
+
+Every test uses its own exchange (the `topology` fixture), and the tools get it the
+way a user would give it, through BRIDGE_EXCHANGE / BRIDGE_UNROUTED.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import uuid
+
+import pika
+
+from tests.support import broker, procs
+from tests.support.wait import wait_for
+
+TIME = re.compile(r"\d\d:\d\d:\d\d\.\d{3}  \S")
+
+
+def tool_env(topology, **extra: str) -> dict[str, str]:
+    return {"AMQP_URL": broker.AMQP_URL, "BRIDGE_EXCHANGE": topology.exchange,
+            "BRIDGE_UNROUTED": topology.unrouted, **extra}
+
+
+def run_tool(tmp_path, topology, *args: str, timeout: float = 30, **env: str):
+    """Run a verb to completion; returns (exit code, stdout bytes, stderr text)."""
+    proc = procs.spawn(list(args), tmp_path, f"tool-{uuid.uuid4().hex[:6]}",
+                       tool_env(topology, **env))
+    code = proc.wait(timeout)
+    return code, proc.stdout_path.read_bytes(), proc.stderr
+
+
+def start_tail(tmp_path, topology, processes, *args: str, **env: str) -> procs.Proc:
+    """A running tail whose queue is bound (it says so on stderr once it is)."""
+    proc = procs.spawn(["tail", *args], tmp_path, f"tail-{uuid.uuid4().hex[:6]}",
+                       tool_env(topology, **env))
+    processes.append(proc)
+
+    def ready():
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"tail exited {proc.popen.returncode}: {proc.stderr}")
+        return "watching" in proc.stderr
+    wait_for(ready, 15, what="tail to bind its queue")
+    return proc
+
+
+def publish(topology, key: str, body: bytes, **headers) -> None:
+    with broker.connect() as conn:
+        conn.channel().basic_publish(topology.exchange, key, body,
+                                     pika.BasicProperties(headers=headers or None))
+
+
+def assert_one_line(stderr: str) -> None:
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+# --- bind --------------------------------------------------------------------------------
+
+def test_bind_declares_a_durable_queue_bound_to_each_pattern_idempotently(tmp_path, topology):
+    queue = broker.unique("t-bind")
+    topology.queues.append(queue)
+    for _ in range(2):
+        code, out, err = run_tool(tmp_path, topology, "bind", queue, "container.*", "*.delete")
+        assert code == 0, err
+        assert queue in out.decode() and "classic" in out.decode()
+    # Redeclaring as durable with no queue type only succeeds on a durable classic queue.
+    with broker.connect() as conn:
+        conn.channel().queue_declare(queue, durable=True)
+    for key in ("container.update", "service.delete", "service.create", "node.update"):
+        publish(topology, key, json.dumps({"key": key}).encode())
+    got = broker.drain(queue, count=2)
+    assert [m.routing_key for m in got] == ["container.update", "service.delete"]
+    assert broker.drain(queue, timeout=1) == []
+
+
+def test_bind_quorum_declares_a_quorum_queue(tmp_path, topology):
+    queue = broker.unique("t-bindq")
+    topology.queues.append(queue)
+    code, out, err = run_tool(tmp_path, topology, "bind", "--quorum", queue, "service.#")
+    assert code == 0, err
+    assert "quorum" in out.decode()
+    with broker.connect() as conn:
+        # Succeeds only if the queue is a quorum queue (the broker checks equivalence).
+        conn.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    code, _, err = run_tool(tmp_path, topology, "bind", "--quorum", queue, "service.#")
+    assert code == 0, err
+
+
+def test_bind_a_queue_of_another_type_exits_4_with_one_line(tmp_path, topology):
+    queue = broker.unique("t-bindx")
+    topology.queues.append(queue)
+    assert run_tool(tmp_path, topology, "bind", "--quorum", queue, "#")[0] == 0
+    code, out, err = run_tool(tmp_path, topology, "bind", queue, "#")
+    assert code == 4
+    assert_one_line(err)
+    assert "PRECONDITION_FAILED" in err and queue in err
+
+
+# --- tail --------------------------------------------------------------------------------
+
+def test_tail_prints_one_aligned_line_per_matching_event_and_stops_on_sigterm(
+        tmp_path, topology, processes):
+    tail = start_tail(tmp_path, topology, processes, "container.*", "bridge.*")
+    publish(topology, "service.create", b'{"type":"service"}', state="Starting")
+    publish(topology, "container.update", b'{"type":"container"}', state="Running",
+            resource_uri="/api/v1/container/c0ffee/")
+    publish(topology, "bridge.connected", json.dumps(
+        {"type": "bridge", "action": "connected", "connected_at": 1700000060.5,
+         "gap": {"lost_at": 1700000050.0, "reconnected_at": 1700000060.5,
+                 "seconds": 10.5}}).encode())
+    publish(topology, "container.delete", b'{"type":"container","action":"delete"}',
+            resource_uri="/api/v1/container/dead/\x1b[2J")
+    lines = wait_for(lambda: len(tail.stdout.splitlines()) >= 3 and tail.stdout.splitlines(),
+                     15, what="three lines from tail")
+    assert all(TIME.match(line) for line in lines), lines
+    assert [line.split()[1] for line in lines] == ["container.update", "bridge.connected",
+                                                   "container.delete"]
+    assert lines[0].split()[2:] == ["Running", "/api/v1/container/c0ffee/"]
+    assert "reconnected after a 10.5s gap" in lines[1]
+    assert "\x1b" not in lines[2], "a header value must not reach the terminal raw"
+    # Aligned: the last column starts at the same offset on every line.
+    starts = ["/api/v1/container/c0ffee/", "reconnected", "/api/v1/container/dead/"]
+    assert len({line.index(start) for line, start in zip(lines, starts)}) == 1, lines
+    tail.signal(signal.SIGTERM)
+    assert tail.wait(10) == 0
+    assert "Traceback" not in tail.stderr
+
+
+def test_tail_json_prints_bodies_byte_exact_and_count_exits_0(tmp_path, topology, processes):
+    bodies = [b'{"type": "container",  "action":"update", "name": "caf\xc3\xa9 \xe2\x9c\x93"}',
+              b'{"type":"service","action":"create","data":{"n":[1,2.50,{}]}}']
+    tail = start_tail(tmp_path, topology, processes, "--json", "--count", "2")
+    publish(topology, "container.update", bodies[0])
+    publish(topology, "service.create", bodies[1])
+    publish(topology, "node.update", b'{"type":"node"}')
+    assert tail.wait(15) == 0, tail.stderr
+    assert tail.stdout_path.read_bytes() == b"".join(b + b"\n" for b in bodies)
+
+
+def test_tail_queue_takes_exactly_count_messages_from_an_existing_queue(
+        tmp_path, topology, processes):
+    queue = topology.bind("#")
+    for n in range(3):
+        publish(topology, "container.update", b'{"n":%d}' % n)
+    wait_for(lambda: broker.queue_depth(queue) == 3, 10, what="3 messages queued")
+    code, out, err = run_tool(tmp_path, topology, "tail", "--queue", queue, "--json",
+                              "--count", "2")
+    assert code == 0, err
+    assert out == b'{"n":0}\n{"n":1}\n'
+    assert broker.drain(queue, count=1)[0].body == b'{"n":2}'
+
+
+def test_tail_with_a_bad_password_exits_4_without_showing_it(tmp_path, topology):
+    password = f"pw-{uuid.uuid4().hex}"
+    code, out, err = run_tool(tmp_path, topology, "tail",
+                              AMQP_URL=f"amqp://guest:{password}@127.0.0.1:5672/%2F")
+    assert code == 4
+    assert_one_line(err)
+    assert "ACCESS_REFUSED" in err
+    assert password not in err and password.encode() not in out
+
+
+def test_tail_on_an_exchange_of_another_type_exits_4(tmp_path, topology):
+    with broker.connect() as conn:
+        conn.channel().exchange_declare(topology.exchange, "fanout", durable=True)
+    code, _, err = run_tool(tmp_path, topology, "tail")
+    assert code == 4
+    assert_one_line(err)
+    assert "inequivalent arg 'type'" in err
+
+
+def test_tail_with_no_broker_listening_exits_1(tmp_path, topology):
+    code, _, err = run_tool(tmp_path, topology, "tail",
+                            AMQP_URL="amqp://guest:guest@127.0.0.1:1/%2F")
+    assert code == 1
+    assert_one_line(err)
+    assert "cannot reach the broker" in err
