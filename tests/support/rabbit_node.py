@@ -1,0 +1,216 @@
+"""An extra, private RabbitMQ node for tests that stop, kill or alarm a broker.
+
+The shared broker on 5672 must never be stopped, blocked or reconfigured, so a fault
+test that needs to do that to a broker starts its own node here: own node name, own
+AMQP and distribution ports, own data and log directories, own config file (the
+system `/etc/rabbitmq/rabbitmq.conf` pins the listener to 5672, so it must not be
+read), and no plugins (startup is ~5-10 s on this machine; plugins make it slower).
+
+The Erlang cookie: the node runs as the `rabbitmq` user with HOME=/var/lib/rabbitmq,
+so it shares `/var/lib/rabbitmq/.erlang.cookie` with the main node, and `ctl` runs
+rabbitmqctl the same way, so root can talk to it without a cookie of its own
+(root has no ~/.erlang.cookie; the packaged `rabbitmqctl` wrapper does the same `su`).
+
+The directory lives under /tmp (pytest's tmp_path is mode 0700 root-only, which the
+`rabbitmq` user cannot enter) and is removed when the node is discarded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pika
+import pytest
+
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+RABBIT_HOME = "/var/lib/rabbitmq"
+_LIVE: set["RabbitNode"] = set()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_rabbitmq(*argv: str, env: dict[str, str] | None = None) -> list[str]:
+    assignments = [f"{k}={v}" for k, v in {"HOME": RABBIT_HOME, **(env or {})}.items()]
+    return ["runuser", "-u", "rabbitmq", "--", "env", *assignments, *argv]
+
+
+class RabbitNode:
+    """One RabbitMQ node on its own ports; `start` and `stop` keep its data."""
+
+    def __init__(self, prefix: str = "tbfault") -> None:
+        self.name = f"{prefix}-{uuid.uuid4().hex[:8]}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="tb-rabbit-"))
+        self.pid_file = self.dir / "node.pid"
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+            "vm_memory_high_watermark.relative = 0.4\n"
+            "disk_free_limit.absolute = 10MB\n"
+            "log.console = false\n")
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq-env.conf").write_text("")   # not /etc/rabbitmq's NODENAME
+        shutil.chown(self.dir, "rabbitmq", "rabbitmq")
+        for path in self.dir.iterdir():
+            shutil.chown(path, "rabbitmq", "rabbitmq")
+        self.popen: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+        _LIVE.add(self)
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_PID_FILE": str(self.pid_file),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    def start(self, timeout: float = 90.0) -> "RabbitNode":
+        """Boot (or reboot, on the same data) and return once AMQP accepts a login."""
+        if self.running:
+            return self
+        began = time.monotonic()
+        log = (self.dir / "server.out").open("ab")
+        self.popen = subprocess.Popen(
+            _as_rabbitmq(str(RABBIT_BIN / "rabbitmq-server"), env=self._env()),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=RABBIT_HOME)
+        log.close()
+        deadline = began + timeout
+        while not self._amqp_ok():
+            if self.popen.poll() is not None:
+                raise AssertionError(f"node {self.name} exited {self.popen.returncode}:\n"
+                                     + self.server_output()[-3000:])
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"node {self.name} not up in {timeout}s:\n"
+                                     + self.server_output()[-3000:])
+            time.sleep(0.2)
+        self.startup_seconds = time.monotonic() - began
+        return self
+
+    def _amqp_ok(self) -> bool:
+        try:
+            params = pika.URLParameters(self.url + "?connection_attempts=1&socket_timeout=1")
+            pika.BlockingConnection(params).close()
+            return True
+        except (pika.exceptions.AMQPError, OSError):
+            return False
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def ctl(self, *args: str, timeout: float = 60.0, check: bool = True) -> str:
+        """`rabbitmqctl -n <this node> ARGS...`; returns stdout."""
+        result = subprocess.run(
+            _as_rabbitmq(str(RABBIT_BIN / "rabbitmqctl"), "-q", "-n", self.name, *args),
+            capture_output=True, text=True, timeout=timeout, cwd=RABBIT_HOME)
+        if check and result.returncode != 0:
+            raise AssertionError(f"rabbitmqctl {' '.join(args)} -> {result.returncode}: "
+                                 f"{result.stderr.strip() or result.stdout.strip()}")
+        return result.stdout
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """A clean shutdown (data kept for `start`); falls back to `kill`."""
+        if not self.running:
+            return
+        try:
+            self.ctl("stop", timeout=timeout)
+            self.popen.wait(timeout=timeout)
+        except (AssertionError, subprocess.TimeoutExpired):
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the Erlang VM and everything in its session, like a crashed host."""
+        if self.popen is None:
+            return
+        pids = []
+        try:
+            pids.append(int(self.pid_file.read_text().strip()))
+        except (OSError, ValueError):
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(timeout=30)
+
+    def server_output(self) -> str:
+        texts = []
+        for path in [self.dir / "server.out", *sorted((self.dir / "log").glob("*.log"))]:
+            if path.exists():
+                texts.append(path.read_text(errors="replace"))
+        return "\n".join(texts)
+
+    def discard(self) -> None:
+        """Stop the node and delete its directory."""
+        try:
+            self.stop(timeout=30)
+        finally:
+            _LIVE.discard(self)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@atexit.register
+def _discard_leftovers() -> None:
+    # A test run interrupted between fixture setup and teardown must not leave nodes up.
+    for node in list(_LIVE):
+        node.discard()
+
+
+@pytest.fixture(scope="module")
+def extra_node():
+    """One private node shared by a module's tests (startup costs seconds).
+
+    A test may stop, kill or alarm it but must leave it running (the fixture
+    `healthy_node` checks and restarts it if not) and use unique names on it.
+    """
+    node = RabbitNode().start()
+    try:
+        yield node
+    finally:
+        node.discard()
+
+
+@pytest.fixture
+def healthy_node(extra_node):
+    """The module's node, running, alarm-free, at the start and end of the test."""
+    _heal(extra_node)
+    yield extra_node
+    _heal(extra_node)
+
+
+def _heal(node: RabbitNode) -> None:
+    if not node.running:
+        node.start()
+    node.ctl("set_vm_memory_high_watermark", "0.4")
