@@ -58,3 +58,7 @@ event_objects = st.fixed_dictionaries(
         "data": json_values,
     },
 )
+
+# Event-shaped objects whose `type` is text other than `auth`: these must be routed.
+routable_objects = st.builds(lambda obj, type_: {**obj, "type": type_},
+                             event_objects, hostile_text.filter(lambda t: t != "auth"))
