@@ -11,6 +11,8 @@ redacted URL and never carries a secret.
 from __future__ import annotations
 
 import re
+import signal
+import threading
 from urllib.parse import urlsplit
 
 import pika
@@ -107,3 +109,31 @@ def close(connection: pika.BlockingConnection) -> None:
             connection.close()
     except (pika.exceptions.AMQPError, OSError):
         pass
+
+
+class StopRequest:
+    """SIGINT and SIGTERM set `event` instead of interrupting whatever runs, so a loop
+    stops at a safe point (after the message in hand) and exits 0. Installed only in
+    the main thread, the one place Python allows it; the old handlers come back on exit.
+    """
+
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self.event = event or threading.Event()
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    def _handle(self, signum, frame) -> None:
+        self.event.set()
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 
@@ -53,26 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="consume this existing queue (taking its messages) instead of "
                              "binding a temporary one")
     add_setting_arguments(parser, broker.SETTINGS)
-
-
-class _StopRequest:
-    """SIGINT and SIGTERM ask the consume loop to stop; it exits 0 at the next turn."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __enter__(self) -> "_StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _printable(value: object) -> str:
@@ -174,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     try:
-        with _StopRequest() as stop:
+        with broker.StopRequest() as stop:
             channel = connection.channel()
             queue = _source(channel, args, amqp.exchange, values["unrouted"])
             channel.basic_qos(prefetch_count=PREFETCH)

@@ -1,0 +1,271 @@
+"""One benchmark run: for each bridge in turn, burst, latency and idle measurements.
+
+Every measurement is a fresh session: a simulator that starts sending when a client
+connects, the benchmark's consumer on the run's queue, and the bridge under test,
+all separate processes on real sockets. Bridges run one after another, never side by
+side, so each has the machine (such as it is) to itself.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import psutil
+
+from bridge.bench.children import BenchError, Child, Children, sim_stats, wait_until
+from bridge.bench.meter import Meter
+from bridge.bench.proxy import PausedProxy
+from bridge.bench.topology import Topology
+
+BRIDGES = ("real", "naive-confirm", "naive-fire")
+SIM_USER = "bench"
+IDLE_SETTLE = 1.0      # seconds after the last event before idle CPU is measured
+STALL_SECONDS = 60.0   # no progress this long: the bridge is stuck, give up
+QUIET_CPU = 0.05       # CPU seconds per half second below which a bridge counts as idle
+
+
+@dataclass
+class Settings:
+    amqp_url: str
+    events: int = 50_000
+    rate: int = 1_000
+    latency_seconds: float = 20.0
+    idle_seconds: float = 30.0
+    bridges: tuple[str, ...] = BRIDGES
+    skip_latency: bool = False
+    skip_idle: bool = False
+    backlog: int = 0
+
+
+@dataclass
+class Session:
+    """The processes of one measurement."""
+
+    name: str
+    sim: Child
+    bridge: Child
+    consumer: Child | None
+    results: Path
+    progress: Path
+    meter: Meter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.meter = Meter(self.bridge.pid)
+
+    @property
+    def processes(self) -> list[Child]:
+        return [c for c in (self.sim, self.bridge, self.consumer) if c]
+
+
+class Bench:
+    def __init__(self, settings: Settings, workdir: Path, base_env: dict[str, str],
+                 say: Callable[[str], None]) -> None:
+        self.settings, self.workdir, self.say = settings, workdir, say
+        self.children = Children(workdir, base_env)
+        self.topology = Topology()
+        self.apikey = secrets.token_hex(12)
+
+    def run(self) -> dict:
+        """All figures, by bridge. Stops and deletes everything it started, however it ends."""
+        url = self.settings.amqp_url
+        try:
+            self.topology.declare(url)
+            figures = {bridge: self.measure(bridge) for bridge in self.settings.bridges}
+            if self.settings.backlog:
+                figures.setdefault("real", {})["backlog"] = self.backlog()
+            return figures
+        finally:
+            self.children.stop_all()
+            self.topology.delete(url)
+
+    def measure(self, bridge: str) -> dict:
+        s = self.settings
+        figures = {"burst": self.burst(bridge)}
+        if not s.skip_latency:
+            count = round(s.rate * s.latency_seconds)
+            with self.session(bridge, "latency", count, "--rate", str(s.rate)) as session:
+                got = self.deliver(session, count)
+                figures["latency"] = {"rate": s.rate, "events": count,
+                                      "latency_ms": got["latency_ms"],
+                                      "peak_rss_bytes": session.meter.peak_rss()}
+                if not s.skip_idle:
+                    figures["idle"] = self.idle(session)
+        elif not s.skip_idle:
+            with self.session(bridge, "idle", 0) as session:
+                figures["idle"] = self.idle(session)
+        figures["peak_rss_bytes"] = max(f["peak_rss_bytes"] for f in figures.values()
+                                        if "peak_rss_bytes" in f)
+        return figures
+
+    def burst(self, bridge: str) -> dict:
+        n = self.settings.events
+        with self.session(bridge, "burst", n, "--rate", "0") as session:
+            cpu_before = self.cpu_when_sending(session)
+            got = self.deliver(session, n)
+            cpu = session.meter.cpu() - cpu_before
+            seconds = got["last_delivery"] - got["first_sent"]
+            return {"events": n, "seconds": seconds, "events_per_second": n / seconds,
+                    "cpu_seconds": cpu, "cpu_seconds_per_10k": cpu * 10_000 / n,
+                    "peak_rss_bytes": session.meter.peak_rss(),
+                    "latency_ms": got["latency_ms"], "duplicates": got["duplicates"]}
+
+    def idle(self, session: Session) -> dict:
+        wait_until(lambda: _connected(session), 30, f"{session.name} to connect", session.bridge)
+        time.sleep(IDLE_SETTLE)  # let the last events' bookkeeping finish: measured, not synced
+        cpu_before, start = session.meter.cpu(), time.monotonic()
+        end = start + self.settings.idle_seconds
+        while (now := time.monotonic()) < end:
+            session.bridge.check()
+            self.say(f"idle     {session.name:24} {now - start:5.0f}/"
+                     f"{self.settings.idle_seconds:g} s")
+            time.sleep(min(1.0, end - now))
+        cpu, seconds = session.meter.cpu() - cpu_before, time.monotonic() - start
+        return {"seconds": seconds, "cpu_seconds": cpu, "cpu_percent": 100 * cpu / seconds}
+
+    def backlog(self) -> dict:
+        """The real bridge with the broker cut: spool N events, then time the drain."""
+        n, target = self.settings.backlog, urlsplit(self.settings.amqp_url)
+        proxy = PausedProxy(target.hostname, target.port or 5672)
+        proxied = urlunsplit(target._replace(netloc=target.netloc.rpartition("@")[0]
+                                             + f"@127.0.0.1:{proxy.port}"))
+        try:
+            with self.session("real", "backlog", n, "--rate", "0", amqp_url=proxied,
+                              env={"BRIDGE_RECONNECT_MAX": "1"}) as session:
+                self.wait_spooled(session, n)
+                waiting_rss = session.meter.peak_rss()
+                spool_bytes = sum(p.stat().st_size for p in self.workdir.glob("real-backlog.spool*"))
+                resumed_at = time.time()
+                proxy.resume()
+                got = self.deliver(session, n)
+                return {"events": n, "peak_rss_waiting_bytes": waiting_rss,
+                        "peak_rss_bytes": session.meter.peak_rss(), "spool_bytes": spool_bytes,
+                        "first_delivery_after_resume_s": got["first_delivery"] - resumed_at,
+                        "drain_seconds": got["last_delivery"] - resumed_at,
+                        "drain_events_per_second": n / (got["last_delivery"] - resumed_at)}
+        finally:
+            proxy.close()
+
+    # --- sessions ----------------------------------------------------------------------
+
+    @contextmanager
+    def session(self, bridge: str, phase: str, count: int, *sim_flags: str,
+                amqp_url: str | None = None, env: dict | None = None) -> Iterator[Session]:
+        name = f"{bridge}-{phase}"
+        self.topology.purge(self.settings.amqp_url)
+        started: list[Child] = []
+        try:
+            sim = self.children.simulator(f"{name}.sim", SIM_USER, self.apikey, "--sequence",
+                                          "--count", str(count), *sim_flags)
+            started.append(sim)
+            results = self.workdir / f"{name}.results.json"
+            progress = self.workdir / f"{name}.progress.json"
+            consumer = None
+            if count:
+                consumer = self.start_consumer(name, count, results, progress)
+                started.append(consumer)
+            started.append(self.start_bridge(bridge, name, sim, amqp_url, env or {}))
+            yield Session(name, sim, started[-1], consumer, results, progress)
+        finally:
+            self.children.stop(*reversed(started))
+
+    def start_consumer(self, name: str, count: int, results: Path, progress: Path) -> Child:
+        ready = self.workdir / f"{name}.consumer.ready"
+        consumer = self.children.start(f"{name}.consumer", [
+            "-m", "bridge.bench.consumer", "--amqp-url", self.settings.amqp_url,
+            "--queue", self.topology.queue, "--expect", str(count), "--out", str(results),
+            "--progress", str(progress), "--ready-file", str(ready)])
+        wait_until(ready.exists, 20, "the consumer to start", consumer)
+        return consumer
+
+    def start_bridge(self, bridge: str, name: str, sim: Child, amqp_url: str | None,
+                     env: dict) -> Child:
+        amqp_url = amqp_url or self.settings.amqp_url
+        if bridge == "real":
+            return self.children.start(name, ["-m", "bridge", "run"], {
+                "TUTUM_STREAM_HOST": sim.info["url"], "TUTUM_USER": SIM_USER,
+                "TUTUM_APIKEY": self.apikey, "AMQP_URL": amqp_url,
+                "BRIDGE_EXCHANGE": self.topology.exchange,
+                "BRIDGE_UNROUTED": self.topology.unrouted,
+                "BRIDGE_QUARANTINE": self.topology.quarantine,
+                "BRIDGE_SPOOL": str(self.workdir / f"{name}.spool.sqlite3"),
+                "BRIDGE_METRICS_ADDR": "", "LOG_LEVEL": "warning", **env})
+        stream = f"{sim.info['url']}/v1/events?" + urlencode({"token": self.apikey,
+                                                               "user": SIM_USER})
+        confirm = "--confirm" if bridge == "naive-confirm" else "--no-confirm"
+        return self.children.start(name, ["-m", "bridge.bench.naive", confirm, stream,
+                                          amqp_url, self.topology.exchange])
+
+    # --- waiting, with progress ---------------------------------------------------------
+
+    def cpu_when_sending(self, session: Session) -> float:
+        """The bridge's CPU time once events flow: its start-up is not per-event cost."""
+        wait_until(lambda: sim_stats(session.sim).get("sent", 0) > 0, 30,
+                   f"{session.name} to connect", session.bridge, session.sim, interval=0.01)
+        return session.meter.cpu()
+
+    def deliver(self, session: Session, expect: int) -> dict:
+        """The consumer's results once it has every event, printing progress each second."""
+        return self._follow(session, expect, "delivered", session.results.exists,
+                            lambda: _read_json(session.progress).get("count", 0),
+                            lambda: _read_json(session.results))
+
+    def wait_spooled(self, session: Session, expect: int) -> None:
+        """Until the simulator has sent all and the bridge has stopped working on them."""
+        sent = lambda: sim_stats(session.sim).get("sent", 0)  # noqa: E731
+        self._follow(session, expect, "sent to the cut-off bridge", lambda: sent() >= expect,
+                     sent, lambda: None)
+        wait_until(lambda: _quiet(session.meter), 120, "the bridge to finish spooling",
+                   session.bridge)
+
+    def _follow(self, session: Session, expect: int, verb: str, done: Callable[[], bool],
+                count: Callable[[], int], result: Callable[[], dict | None]) -> dict | None:
+        """Polls `done`, saying `count` each second; fails if a process dies or it stalls."""
+        phase = session.name.split("-")[-1]
+        last_count, last_at, changed_at = 0, time.monotonic(), time.monotonic()
+        while not done():
+            for child in session.processes:
+                if child is not session.consumer:
+                    child.check()
+            if session.consumer and session.consumer.popen.poll() is not None \
+                    and not session.results.exists():
+                session.consumer.check()
+            now = time.monotonic()
+            if now - last_at >= 1.0:
+                current = count()
+                self.say(f"{phase:8} {session.name:24} {current:>9}/{expect} {verb}"
+                         f" {(current - last_count) / (now - last_at):>9.0f} ev/s")
+                if current != last_count:
+                    changed_at = now
+                elif now - changed_at > STALL_SECONDS:
+                    raise BenchError(f"{session.name}: stuck at {current}/{expect} {verb} "
+                                     f"for {STALL_SECONDS:g}s")
+                last_count, last_at = current, now
+            time.sleep(0.05)
+        return result()
+
+
+def _connected(session: Session) -> bool:
+    """The bridge holds a TCP connection to the simulator."""
+    port = session.sim.info["port"]
+    return any(c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+               for c in session.meter.process.net_connections("tcp"))
+
+
+def _quiet(meter: Meter) -> bool:
+    before = meter.cpu()
+    time.sleep(0.5)
+    return meter.cpu() - before < QUIET_CPU
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

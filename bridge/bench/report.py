@@ -1,0 +1,68 @@
+"""The benchmark's figures as a table a person reads, and the ratios that sum them up."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+MiB = 1024 * 1024
+
+
+def _get(*path: str) -> Callable[[dict], float | None]:
+    def get(figures: dict) -> float | None:
+        for key in path:
+            figures = figures.get(key) if isinstance(figures, dict) else None
+        return figures
+    return get
+
+
+COLUMNS: list[tuple[str, Callable[[dict], float | None], str]] = [
+    ("burst ev/s", _get("burst", "events_per_second"), "{:.0f}"),
+    ("p50 ms", _get("latency", "latency_ms", "p50"), "{:.1f}"),
+    ("p99 ms", _get("latency", "latency_ms", "p99"), "{:.1f}"),
+    ("max ms", _get("latency", "latency_ms", "max"), "{:.1f}"),
+    ("CPU s/10k", _get("burst", "cpu_seconds_per_10k"), "{:.2f}"),
+    ("peak RSS MiB", lambda f: f["peak_rss_bytes"] / MiB if "peak_rss_bytes" in f else None,
+     "{:.1f}"),
+    ("idle CPU %", _get("idle", "cpu_percent"), "{:.2f}"),
+]
+
+
+def ratios(figures: dict) -> dict:
+    """The real bridge against each naive one: burst throughput and CPU per event."""
+    real = figures.get("real")
+    out = {}
+    for name, other in figures.items():
+        if real is None or name == "real":
+            continue
+        out[f"real/{name}"] = {
+            "burst": _ratio(real, other, _get("burst", "events_per_second")),
+            "cpu_per_event": _ratio(real, other, _get("burst", "cpu_seconds_per_10k"))}
+    return out
+
+
+def _ratio(a: dict, b: dict, get: Callable[[dict], float | None]) -> float | None:
+    x, y = get(a), get(b)
+    return x / y if x is not None and y else None
+
+
+def table(figures: dict) -> str:
+    rows = [["bridge", *(title for title, _, _ in COLUMNS)]]
+    for name, f in figures.items():
+        values = [get(f) for _, get, _ in COLUMNS]
+        rows.append([name, *("-" if v is None else fmt.format(v)
+                             for v, (_, _, fmt) in zip(values, COLUMNS))])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    for pair, r in ratios(figures).items():
+        burst = "-" if r["burst"] is None else f"{r['burst']:.2f}x"
+        cpu = "-" if r["cpu_per_event"] is None else f"{r['cpu_per_event']:.2f}x"
+        lines.append(f"{pair}: burst throughput {burst}, CPU per event {cpu}")
+    backlog = figures.get("real", {}).get("backlog")
+    if backlog:
+        lines.append(f"real backlog of {backlog['events']} events: peak RSS while waiting "
+                     f"{backlog['peak_rss_waiting_bytes'] / MiB:.1f} MiB, spool "
+                     f"{backlog['spool_bytes'] / MiB:.1f} MiB, drained at "
+                     f"{backlog['drain_events_per_second']:.0f} ev/s")
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""Reading websocket frames from a connected socket, with a hard size limit.
+
+websocket-client does the handshake, TLS and sending; this module does the reading,
+because the stream's promises need two things the library's reader cannot give:
+a frame larger than the limit is discarded as it arrives, never held in memory (only
+a short excerpt is kept for the quarantine), and the socket is read in large chunks
+rather than a few bytes at a time, which is most of the cost of a small frame.
+
+The reader is resumable: a timeout in the middle of a frame loses nothing, so the
+stream can wake up to send pings without tearing frames apart.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+from dataclasses import dataclass
+
+TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
+EXCERPT_KEEP = 64 * 1024     # bytes of an oversize message kept for the quarantine
+_READ_CHUNK = 256 * 1024
+
+
+class ProtocolError(Exception):
+    """The server broke RFC 6455 in a way that leaves the connection unusable."""
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the TCP connection."""
+
+
+@dataclass(slots=True)
+class Frame:
+    """A complete message (text or binary) or a control frame.
+
+    For a message larger than the limit, `payload` is only its first bytes,
+    `size` is the real size and `oversize` is set.
+    """
+
+    opcode: int
+    payload: bytes
+    size: int
+    oversize: bool = False
+
+
+class FrameReader:
+    """Parses server-to-client frames out of a socket, reassembling fragments."""
+
+    def __init__(self, sock: socket.socket, max_message: int) -> None:
+        self._sock = sock
+        self._max = max_message
+        self._buf = b""
+        self._pos = 0
+        # The message being reassembled from fragments, if any.
+        self._msg_opcode: int | None = None
+        self._parts: list[bytes] = []
+        self._msg_size = 0
+        self._msg_oversize = False
+        self._skip = 0                 # payload bytes of an oversize frame still to drop
+        self._skip_fin = False
+
+    def buffered(self) -> bool:
+        """True when a read would not need to wait for the network."""
+        if self._pos < len(self._buf):
+            return True
+        return isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() > 0
+
+    def read(self, timeout: float) -> Frame | None:
+        """The next message or control frame, or None if nothing complete arrived in time."""
+        while True:
+            frame = self._parse()
+            if frame is not None:
+                return frame
+            if not self._fill(timeout):
+                return None
+
+    # --- network ---------------------------------------------------------------------
+
+    def _fill(self, timeout: float) -> bool:
+        if not (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()):
+            ready, _, _ = select.select([self._sock], [], [], max(timeout, 0))
+            if not ready:
+                return False
+        try:
+            data = self._sock.recv(_READ_CHUNK)
+        except (ssl.SSLWantReadError, BlockingIOError, socket.timeout):
+            return True
+        if not data:
+            raise ConnectionClosed("the server closed the connection")
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+        self._buf = self._buf[self._pos:] + data if self._pos < len(self._buf) else data
+        self._pos = 0
+        return True
+
+    # --- parsing ---------------------------------------------------------------------
+
+    def _parse(self) -> Frame | None:
+        if self._skip:
+            return None
+        if self._skip_fin:
+            self._skip_fin = False
+            return self._finish_message()
+        buf, pos = self._buf, self._pos
+        available = len(buf) - pos
+        if available < 2:
+            return None
+        b0, b1 = buf[pos], buf[pos + 1]
+        fin, opcode = b0 & 0x80, b0 & 0x0F
+        if b1 & 0x80:
+            raise ProtocolError("the server sent a masked frame")
+        length, header = b1 & 0x7F, 2
+        if length == 126:
+            if available < 4:
+                return None
+            length, header = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+        elif length == 127:
+            if available < 10:
+                return None
+            length, header = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+
+        if opcode >= CLOSE:
+            if length > 125 or not fin:
+                raise ProtocolError("invalid control frame")
+            if available < header + length:
+                return None
+            self._pos = pos + header + length
+            return Frame(opcode, buf[pos + header:self._pos], length)
+        if opcode not in (TEXT, BINARY, CONTINUATION):
+            raise ProtocolError(f"unknown opcode {opcode}")
+        if (opcode == CONTINUATION) != (self._msg_opcode is not None):
+            raise ProtocolError("unexpected continuation frame")
+        if opcode != CONTINUATION:
+            self._msg_opcode = opcode
+
+        if self._msg_oversize or self._msg_size + length > self._max:
+            return self._drop_payload(pos, header, length, bool(fin))
+        if available < header + length:
+            return None
+        end = pos + header + length
+        payload = buf[pos + header:end]
+        self._pos = end
+        if fin and not self._parts:          # the common case: one frame, one message
+            self._msg_opcode = None
+            return Frame(opcode, payload, length)
+        self._parts.append(payload)
+        self._msg_size += length
+        return self._finish_message() if fin else self._parse()
+
+    def _drop_payload(self, pos: int, header: int, length: int, fin: bool) -> Frame | None:
+        """Keep what fits in the excerpt, drop the rest as it streams in."""
+        if len(self._buf) - pos < header:
+            return None
+        self._msg_oversize = True
+        start = pos + header
+        in_buffer = min(length, len(self._buf) - start)
+        kept = sum(map(len, self._parts))
+        if kept < EXCERPT_KEEP:
+            self._parts.append(self._buf[start:start + min(in_buffer, EXCERPT_KEEP - kept)])
+        self._msg_size += length
+        self._pos = start + in_buffer
+        self._skip = length - in_buffer
+        if self._skip:
+            self._skip_fin = fin
+            return None
+        return self._finish_message() if fin else self._parse()
+
+    def _finish_message(self) -> Frame:
+        payload = b"".join(self._parts)
+        if self._msg_oversize:
+            payload = payload[:EXCERPT_KEEP]
+        frame = Frame(self._msg_opcode or TEXT, payload, self._msg_size, self._msg_oversize)
+        self._msg_opcode, self._parts, self._msg_size, self._msg_oversize = None, [], 0, False
+        return frame

@@ -1,0 +1,376 @@
+"""The broker side: publish the spool's events to RabbitMQ, in order, with confirms.
+
+Modelled on pika's asynchronous publisher example: one `SelectConnection` on its own
+IOLoop thread, an explicit state machine, and callbacks that each do one step:
+
+    CLOSED -> CONNECTING -> DECLARING -> OPEN -> CLOSING -> CLOSED -> (backoff) ...
+                                          \\-> STOPPED (drained, or a fatal refusal)
+
+It knows AMQP and the spool, and nothing of websockets. Publishing is pipelined: up to
+`inflight` events are unconfirmed at once. When the connection or channel is lost,
+every unconfirmed event is republished first, in the original order, with the same
+`message_id` and `x-republished: true`. A nack is treated like a lost channel, so
+order is kept. Only a prefix of events that are all confirmed is removed from the
+spool, so nothing is forgotten before the broker has it.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import pika
+from pika.adapters.select_connection import IOLoop
+from pika import exceptions as pe
+
+from bridge.backoff import Backoff
+from bridge.config import AmqpConfig
+from bridge.errors import BrokerRefused, TLSVerificationError
+from bridge.spool import Spool
+
+READ_BATCH = 512
+APP_ID = "tutum-bridge"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names of what the bridge declares on the broker."""
+
+    exchange: str
+    unrouted: str
+    quarantine: str
+
+
+class State(enum.Enum):
+    CLOSED = "closed"
+    CONNECTING = "connecting"
+    DECLARING = "declaring"
+    OPEN = "open"
+    CLOSING = "closing"
+    STOPPED = "stopped"
+
+
+class Publisher:
+    """Drains the spool into the broker; reconnects forever unless refused outright."""
+
+    def __init__(self, amqp: AmqpConfig, topology: Topology, spool: Spool, *,
+                 inflight: int, reconnect_max: float, on_fatal, log, metrics) -> None:
+        self._amqp = amqp
+        self._topology = topology
+        self._spool = spool
+        self._inflight = inflight
+        self._on_fatal = on_fatal
+        self._log = log
+        self._metrics = metrics
+        self._backoff = Backoff(base=0.25, cap=reconnect_max)
+        self._ioloop = IOLoop()
+        self._urls = itertools.cycle(amqp.urls)
+        self._ssl_context = amqp.ssl_context()
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+
+        self.state = State.CLOSED
+        self.blocked = False
+        self._connection: pika.SelectConnection | None = None
+        self._channel = None
+        self._ever_opened = False
+        self._wakeup_pending = False
+        self._draining_until: float | None = None
+        # Publishing position. Everything up to the spool's `confirmed` is confirmed;
+        # `_cursor` is the next sequence to publish; `_published_max` the highest ever
+        # published, so anything at or below it is a republish.
+        self._cursor = spool.confirmed + 1
+        self._published_max = spool.last_seq if spool.recovered else spool.confirmed
+        self._next_tag = 1
+        self._unconfirmed: dict[int, int] = {}        # delivery tag -> sequence, in order
+
+    # --- control, from any thread ----------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def notify(self) -> None:
+        """New events are in the spool. Cheap, coalesced, thread-safe."""
+        if not self._wakeup_pending:
+            self._wakeup_pending = True
+            self._ioloop.add_callback_threadsafe(self._pump)
+
+    def drain_and_stop(self, timeout: float) -> None:
+        """Publish and confirm what the spool holds, for at most `timeout`; then stop."""
+        self._ioloop.add_callback_threadsafe(lambda: self._begin_drain(timeout))
+        self._thread.join(timeout + 5)
+
+    def stop_now(self) -> None:
+        self._ioloop.add_callback_threadsafe(self._stop)
+        self._thread.join(10)
+
+    @property
+    def connected(self) -> bool:
+        return self.state is State.OPEN
+
+    # --- the IOLoop thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        self._ioloop.add_callback_threadsafe(self._connect)
+        self._ioloop.start()
+
+    def _connect(self) -> None:
+        if self.state is State.STOPPED:
+            return
+        url = next(self._urls)
+        params = pika.URLParameters(url)
+        if urlsplit(url).scheme == "amqps":
+            params.ssl_options = pika.SSLOptions(self._ssl_context, urlsplit(url).hostname)
+        params.client_properties = {"connection_name": f"tutum-bridge {self._topology.exchange}",
+                                    "product": APP_ID}
+        params.connection_attempts = 1
+        self.state = State.CONNECTING
+        self._log.info("broker.connecting", url=self._redacted(url))
+        self._connection = pika.SelectConnection(
+            params, on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_connection_open_error,
+            on_close_callback=self._on_connection_closed, custom_ioloop=self._ioloop)
+
+    def _on_connection_open(self, connection) -> None:
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        self.state = State.DECLARING
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_open_error(self, _connection, error: Exception) -> None:
+        if self.state is State.STOPPED:
+            return self._ioloop.stop()
+        reason = _describe(error)
+        if _is_tls_verification_failure(error):
+            return self._fatal(TLSVerificationError(
+                f"TLS certificate verification failed for the broker ({reason}); "
+                f"set AMQP_CA_FILE to trust a private CA"))
+        if _is_refusal(error) and not self._ever_opened:
+            return self._fatal(BrokerRefused(f"the broker refused the connection: {reason}"))
+        self._log.warning("broker.connect_failed", reason=reason)
+        self._closed_then_retry()
+
+    def _on_connection_closed(self, _connection, reason: Exception) -> None:
+        self._channel = None
+        if self.state is State.STOPPED:
+            self._ioloop.stop()
+            return
+        if self.state is not State.CLOSING:
+            self._log.warning("broker.lost", reason=_describe(reason))
+        self._closed_then_retry()
+
+    def _closed_then_retry(self) -> None:
+        self.state = State.CLOSED
+        self.blocked = False
+        self._metrics.broker_connected.set(0)
+        self._forget_unconfirmed()
+        if self._draining_until is not None and time.monotonic() >= self._draining_until:
+            return self._stop()
+        delay = self._backoff.next()
+        self._ioloop.call_later(delay, self._connect)
+
+    def _on_channel_open(self, channel) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        t = self._topology
+        steps = [
+            lambda cb: channel.exchange_declare(t.unrouted, "fanout", durable=True, callback=cb),
+            lambda cb: channel.queue_declare(t.unrouted, durable=True, callback=cb),
+            lambda cb: channel.queue_bind(t.unrouted, t.unrouted, "", callback=cb),
+            lambda cb: channel.exchange_declare(
+                t.exchange, "topic", durable=True,
+                arguments={"alternate-exchange": t.unrouted}, callback=cb),
+            lambda cb: channel.queue_declare(t.quarantine, durable=True, callback=cb),
+            lambda cb: channel.confirm_delivery(self._on_confirm, callback=cb),
+        ]
+
+        def run(index: int, _frame=None) -> None:
+            if index < len(steps):
+                steps[index](lambda frame: run(index + 1, frame))
+            else:
+                self._on_ready()
+        run(0)
+
+    def _on_ready(self) -> None:
+        self.state = State.OPEN
+        self._ever_opened = True
+        self._backoff.reset()
+        self._next_tag = 1
+        self._cursor = self._spool.confirmed + 1
+        self._metrics.broker_connected.set(1)
+        self._log.info("broker.ready", exchange=self._topology.exchange,
+                       republishing=max(0, self._published_max - self._spool.confirmed))
+        self._pump()
+
+    def _on_channel_closed(self, _channel, reason: Exception) -> None:
+        self._channel = None
+        code = getattr(reason, "reply_code", 0)
+        if code in (403, 406) and self.state is State.DECLARING:
+            text = getattr(reason, "reply_text", str(reason))
+            return self._fatal(BrokerRefused(
+                f"the broker refused the topology ({text}); an exchange or queue of that "
+                f"name exists with another type or arguments"))
+        if self.state in (State.CLOSING, State.STOPPED):
+            return
+        self._log.warning("broker.channel_lost", reason=_describe(reason))
+        self._close_connection()
+
+    def _on_blocked(self, _connection, _frame) -> None:
+        self.blocked = True
+        self._metrics.broker_blocked.set(1)
+        self._log.warning("broker.blocked", detail="the broker raised a resource alarm; "
+                          "events wait in the spool")
+
+    def _on_unblocked(self, _connection, _frame) -> None:
+        self.blocked = False
+        self._metrics.broker_blocked.set(0)
+        self._log.info("broker.unblocked")
+        self._pump()
+
+    # --- publishing ------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Publish from the spool until the in-flight window is full or the spool empty."""
+        self._wakeup_pending = False
+        if self.state is not State.OPEN or self.blocked:
+            return
+        exchange, quarantine = self._topology.exchange, self._topology.quarantine
+        spool, channel = self._spool, self._channel
+        published = 0
+        while True:
+            room = self._inflight - len(self._unconfirmed)
+            if room <= 0:
+                break
+            batch = spool.read(self._cursor, min(room, READ_BATCH))
+            if not batch:
+                break
+            for seq, ev in batch:
+                headers = ev.headers
+                if seq <= self._published_max:
+                    headers = {**headers, "x-republished": True}
+                properties = pika.BasicProperties(
+                    content_type="application/json", delivery_mode=2,
+                    message_id=spool.message_id(seq), timestamp=int(ev.received_at),
+                    app_id=APP_ID, headers=headers)
+                if ev.quarantined:
+                    channel.basic_publish("", quarantine, ev.body, properties)
+                else:
+                    channel.basic_publish(exchange, ev.routing_key, ev.body, properties)
+                self._unconfirmed[self._next_tag] = seq
+                self._next_tag += 1
+            self._cursor = batch[-1][0] + 1
+            self._published_max = max(self._published_max, self._cursor - 1)
+            published += len(batch)
+        if published:
+            self._metrics.published.inc(published)
+            self._metrics.inflight.set(len(self._unconfirmed))
+        self._maybe_finish_drain()
+
+    def _on_confirm(self, frame) -> None:
+        method = frame.method
+        tag, multiple = method.delivery_tag, method.multiple
+        if isinstance(method, pika.spec.Basic.Nack):
+            self._metrics.nacks.inc()
+            self._log.warning("broker.nack", delivery_tag=tag,
+                              detail="republishing from the first unconfirmed event")
+            return self._close_connection()
+        if multiple:
+            done = list(itertools.takewhile(lambda t: t <= tag, self._unconfirmed))
+        else:
+            done = [tag] if tag in self._unconfirmed else []
+        for t in done:
+            del self._unconfirmed[t]
+        if self._unconfirmed:
+            upto = self._unconfirmed[next(iter(self._unconfirmed))] - 1
+        else:
+            upto = self._cursor - 1
+        if upto > self._spool.confirmed:
+            confirmed = upto - self._spool.confirmed
+            self._spool.confirm(upto)
+            self._metrics.confirmed.inc(confirmed)
+        self._metrics.inflight.set(len(self._unconfirmed))
+        self._pump()
+
+    def _forget_unconfirmed(self) -> None:
+        """The channel is gone: its delivery tags mean nothing any more."""
+        self._unconfirmed.clear()
+        self._cursor = self._spool.confirmed + 1
+        self._metrics.inflight.set(0)
+
+    # --- stopping --------------------------------------------------------------------
+
+    def _begin_drain(self, timeout: float) -> None:
+        self._draining_until = time.monotonic() + timeout
+        self._ioloop.call_later(timeout, self._stop)
+        self._maybe_finish_drain()
+
+    def _maybe_finish_drain(self) -> None:
+        if (self._draining_until is not None and not self._unconfirmed
+                and self._spool.confirmed >= self._spool.last_seq):
+            self._stop()
+
+    def _stop(self) -> None:
+        if self.state is State.STOPPED:
+            return
+        previous, self.state = self.state, State.STOPPED
+        if self._connection is not None and previous is not State.CLOSED \
+                and not self._connection.is_closed and not self._connection.is_closing:
+            self._connection.close()   # _on_connection_closed stops the loop
+        else:
+            self._ioloop.stop()
+
+    def _close_connection(self) -> None:
+        if self._connection is not None and not (self._connection.is_closing
+                                                 or self._connection.is_closed):
+            self.state = State.CLOSING
+            self._connection.close()
+
+    def _fatal(self, error: Exception) -> None:
+        self._log.error("broker.fatal", reason=str(error))
+        self._stop()
+        self._on_fatal(error)
+
+    def _redacted(self, url: str) -> str:
+        return self._amqp.redacted_urls[list(self._amqp.urls).index(url)]
+
+
+def _causes(error: BaseException):
+    """The error and what it wraps (pika nests connector errors several levels deep)."""
+    seen, stack = set(), [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack.extend(getattr(current, "exceptions", None) or [])
+        stack.append(getattr(current, "exception", None))
+        stack.append(current.__cause__)
+        stack.extend(a for a in getattr(current, "args", ()) if isinstance(a, BaseException))
+
+
+def _is_refusal(error: Exception) -> bool:
+    for cause in _causes(error):
+        if isinstance(cause, (pe.AuthenticationError, pe.ProbableAuthenticationError,
+                              pe.ProbableAccessDeniedError)):
+            return True
+        if isinstance(cause, pe.ConnectionClosedByBroker) and cause.reply_code in (403, 530):
+            return True
+    return False
+
+
+def _is_tls_verification_failure(error: Exception) -> bool:
+    return any(isinstance(c, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(c)
+               for c in _causes(error))
+
+
+def _describe(error: BaseException) -> str:
+    for cause in _causes(error):
+        text = getattr(cause, "reply_text", None)
+        if text:
+            return f"{getattr(cause, 'reply_code', '')} {text}".strip()
+    return f"{type(error).__name__}: {error}"

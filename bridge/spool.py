@@ -1,0 +1,189 @@
+"""The spool: every received event, on disk, until the broker has confirmed it.
+
+It is the only copy of an event between the websocket and RabbitMQ, so it is an
+SQLite database in WAL mode (standard library, crash-safe, fast appends in batches):
+
+- `append` writes a batch in one transaction; an event is *received* once that commit
+  returns. With `sync="normal"` a commit survives a crash or `kill -9` of the process
+  (it is in the WAL, in the OS page cache); with `sync="full"` it is fsynced and
+  survives power loss too, at the cost of one fsync per batch.
+- `confirm(seq)` deletes everything up to `seq`; it is called only with a prefix the
+  broker has confirmed, so a crash at any moment leaves exactly the unconfirmed
+  events (and perhaps a few confirmed ones: duplicates, never losses).
+- The last `window` events also stay in memory, so the publisher reads new events
+  without touching the disk; older ones (a backlog after an outage) are read back in
+  order from the database. Memory is bounded by the window, whatever the backlog.
+- Its size is bounded: `has_room()` is false once `max_bytes` of events wait, and
+  the reader stops reading the websocket until the publisher makes room.
+
+Events are numbered by a sequence that never goes back, which fixes their order and,
+with the spool's random id, gives each its `message_id`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from collections import deque
+from pathlib import Path
+
+from bridge.event import Event
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    quarantined INTEGER NOT NULL,
+    routing_key TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    body BLOB NOT NULL,
+    size INTEGER NOT NULL
+);
+"""
+ROW_OVERHEAD = 64          # bytes counted per event beyond body and headers
+
+
+class Spool:
+    """A bounded, ordered, crash-safe queue of events; thread-safe."""
+
+    def __init__(self, path: Path, max_bytes: int, sync: str = "normal",
+                 window: int = 4096) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_bytes = max_bytes
+        self._window = window
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+        self._db.executescript(_SCHEMA)
+        self.id = self._spool_id()
+        first, last, count, size = self._db.execute(
+            "SELECT MIN(seq), MAX(seq), COUNT(*), COALESCE(SUM(size), 0) FROM events").fetchone()
+        stored_next = int(self._meta("next_seq") or 1)
+        self._next_seq = max(stored_next, (last or 0) + 1)
+        self._confirmed = (first - 1) if first is not None else self._next_seq - 1
+        self._count, self._bytes = count, size
+        self.recovered = count          # events left by a previous run, to publish first
+        self._recent: deque[tuple[int, Event]] = deque()
+        self._closed = False
+
+    # --- writing (the stream side) ---------------------------------------------------
+
+    def append(self, events: list[Event]) -> int:
+        """Store a batch durably, in order; returns the last sequence number."""
+        with self._lock:
+            first = self._next_seq
+            rows = []
+            added = 0
+            for offset, ev in enumerate(events):
+                headers = json.dumps(ev.headers, separators=(",", ":"))
+                size = len(ev.body) + len(headers) + ROW_OVERHEAD
+                added += size
+                rows.append((first + offset, ev.received_at, ev.quarantined,
+                             ev.routing_key, headers, ev.body, size))
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
+            self._db.execute("COMMIT")
+            self._next_seq = first + len(events)
+            self._count += len(events)
+            self._bytes += added
+            self._recent.extend(zip(range(first, self._next_seq), events))
+            while len(self._recent) > self._window:
+                self._recent.popleft()
+            return self._next_seq - 1
+
+    def has_room(self) -> bool:
+        return self._bytes < self.max_bytes
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """Block until the spool is below its bound (or `timeout`); True if it is."""
+        with self._room:
+            return self._room.wait_for(lambda: self._bytes < self.max_bytes or self._closed,
+                                       timeout)
+
+    # --- reading and confirming (the broker side) -----------------------------------
+
+    def read(self, from_seq: int, limit: int) -> list[tuple[int, Event]]:
+        """Up to `limit` events with sequence >= `from_seq`, in order."""
+        with self._lock:
+            if self._recent and from_seq >= self._recent[0][0]:
+                start = from_seq - self._recent[0][0]
+                end = min(start + limit, len(self._recent))
+                return [self._recent[i] for i in range(start, end)]
+            rows = self._db.execute(
+                "SELECT seq, received_at, quarantined, routing_key, headers, body FROM events "
+                "WHERE seq >= ? ORDER BY seq LIMIT ?", (from_seq, limit)).fetchall()
+        return [(seq, Event(key, body, at, json.loads(headers), bool(q)))
+                for seq, at, q, key, headers, body in rows]
+
+    def confirm(self, upto_seq: int) -> None:
+        """The broker confirmed every event up to `upto_seq`: forget them."""
+        with self._lock:
+            if upto_seq <= self._confirmed:
+                return
+            self._db.execute("BEGIN")
+            freed, count = self._db.execute(
+                "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events WHERE seq <= ?",
+                (upto_seq,)).fetchone()
+            self._db.execute("DELETE FROM events WHERE seq <= ?", (upto_seq,))
+            # An empty spool must still remember where the sequence stands, or a crash
+            # now would reuse sequence numbers, hence message ids, after the restart.
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
+                             (str(self._next_seq),))
+            self._db.execute("COMMIT")
+            self._confirmed = upto_seq
+            self._bytes -= freed
+            self._count -= count
+            self._room.notify_all()
+
+    @property
+    def confirmed(self) -> int:
+        """Every event up to this sequence number has been confirmed."""
+        return self._confirmed
+
+    @property
+    def last_seq(self) -> int:
+        return self._next_seq - 1
+
+    @property
+    def pending(self) -> int:
+        return self._count
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def message_id(self, seq: int) -> str:
+        return f"{self.id}-{seq}"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._room.notify_all()
+            # Remember the sequence even when the spool is empty, so message ids and
+            # order never repeat across restarts.
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
+                             (str(self._next_seq),))
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+
+    # --- internals -------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _spool_id(self) -> str:
+        existing = self._meta("spool_id")
+        if existing:
+            return existing
+        new = uuid.uuid4().hex[:16]
+        self._db.execute("INSERT INTO meta VALUES ('spool_id', ?)", (new,))
+        return new

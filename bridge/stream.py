@@ -1,0 +1,232 @@
+"""The upstream side: hold a websocket to the Tutum Stream API open, whatever happens.
+
+`StreamReader.run` is a loop over one explicit state machine:
+
+    CONNECTING -> AUTHENTICATING -> STREAMING -> (lost) -> CONNECTING ...
+                                              -> CLOSED (stop() or a fatal error)
+
+It knows websockets and the Tutum handshake, and nothing of AMQP: every frame goes to
+a `StreamSink`, which decides what the frame is and where it goes. Liveness is ours:
+after `ping_interval` of silence we ping, and a connection that then stays silent for
+`ping_timeout` is dead and replaced -- a half-open socket never stalls the bridge.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import socket
+import ssl
+import threading
+import time
+from typing import Protocol
+
+import websocket
+
+from bridge import frames
+from bridge.backoff import Backoff
+from bridge.config import StreamConfig
+from bridge.errors import TLSVerificationError, UpstreamUnauthorized
+
+CONNECT_TIMEOUT = 10.0
+AUTH_TIMEOUT = 15.0
+
+
+class StreamSink(Protocol):
+    """Where the stream delivers; implemented by the wiring module."""
+
+    def authenticated(self, at: float) -> None: ...
+    def frame(self, payload: bytes, binary: bool, size: int, oversize: bool,
+              received_at: float) -> None: ...
+    def flush(self) -> None:
+        """Called whenever no more data is waiting: a natural batch boundary."""
+    def lost(self, at: float, reason: str) -> None: ...
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    AUTHENTICATING = "authenticating"
+    STREAMING = "streaming"
+    CLOSED = "closed"
+
+
+class ConnectionLost(Exception):
+    """This connection is over; the loop reconnects."""
+
+
+class StreamReader:
+    """Connects, authenticates, reads frames into the sink, and reconnects forever."""
+
+    def __init__(self, config: StreamConfig, sink: StreamSink, log) -> None:
+        self._config = config
+        self._sink = sink
+        self._log = log.bind(url=config.redacted_url)
+        self._backoff = Backoff(base=0.5, cap=config.reconnect_max)
+        self._stopping = threading.Event()
+        self._ws: websocket.WebSocket | None = None
+        self.state = State.CLOSED
+
+    # --- control, from any thread ----------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop reading now; `run` returns after handing what it read to the sink."""
+        self._stopping.set()
+        ws = self._ws
+        if ws is not None and ws.sock is not None:
+            try:
+                ws.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # --- the loop --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until `stop()`; raises UpstreamUnauthorized or TLSVerificationError if fatal."""
+        try:
+            while not self._stopping.is_set():
+                self.state = State.CONNECTING
+                try:
+                    self._connect()
+                    self._authenticate()
+                    self._backoff.reset()
+                    self._stream()
+                except ConnectionLost as exc:
+                    self._on_lost(str(exc))
+                if not self._stopping.is_set():
+                    delay = self._backoff.next()
+                    self._log.info("stream.reconnecting", in_seconds=round(delay, 2))
+                    self._stopping.wait(delay)
+        finally:
+            self._close()
+            self.state = State.CLOSED
+
+    def _on_lost(self, reason: str) -> None:
+        was_streaming = self.state is State.STREAMING
+        self._close()
+        if self._stopping.is_set():
+            return
+        if was_streaming:
+            self._log.warning("stream.lost", reason=reason)
+            self._sink.lost(time.time(), reason)
+        else:
+            self._log.warning("stream.connect_failed", reason=reason)
+
+    def _connect(self) -> None:
+        self._log.info("stream.connecting")
+        context = ssl.create_default_context(
+            cafile=str(self._config.ca_file) if self._config.ca_file else None)
+        try:
+            self._ws = websocket.create_connection(
+                self._config.url, timeout=CONNECT_TIMEOUT, header=list(self._config.headers),
+                sslopt={"context": context}, skip_utf8_validation=True,
+                enable_multithread=True)
+        except ssl.SSLCertVerificationError as exc:
+            raise TLSVerificationError(
+                f"TLS certificate verification failed for the stream "
+                f"({exc.verify_message}); set TUTUM_CA_FILE to trust a private CA") from None
+        except websocket.WebSocketBadStatusException as exc:
+            if exc.status_code in (401, 403):
+                self._unauthorized(f"HTTP {exc.status_code}")
+            raise ConnectionLost(f"handshake refused: HTTP {exc.status_code}") from None
+        except (OSError, websocket.WebSocketException) as exc:
+            raise ConnectionLost(f"{type(exc).__name__}: {exc}") from None
+        self._reader = frames.FrameReader(self._ws.sock, self._config.max_frame_bytes)
+
+    def _authenticate(self) -> None:
+        """Wait for the `auth` frame; an UNAUTHORIZED error frame is fatal."""
+        self.state = State.AUTHENTICATING
+        deadline = time.monotonic() + AUTH_TIMEOUT
+        while True:
+            frame = self._read(deadline - time.monotonic())
+            if frame is None:
+                raise ConnectionLost("no auth frame from the server in time")
+            if frame.opcode in (frames.PING, frames.PONG):
+                continue
+            kind, message = _handshake_kind(frame.payload)
+            if kind == "error" and "UNAUTHORIZED" in message.upper():
+                self._unauthorized("UNAUTHORIZED")
+                raise ConnectionLost("UNAUTHORIZED")
+            self.state = State.STREAMING
+            at = time.time()
+            self._log.info("stream.authenticated")
+            self._sink.authenticated(at)
+            if kind != "auth":
+                # A server that skips the auth frame: what it sent is the first event.
+                self._deliver(frame, at)
+            return
+
+    def _unauthorized(self, detail: str) -> None:
+        if not self._config.retry_unauthorized:
+            raise UpstreamUnauthorized(
+                f"the stream refused the credentials ({detail}); check TUTUM_USER and "
+                f"TUTUM_APIKEY or TUTUM_AUTH")
+        self._log.error("stream.unauthorized", detail=detail, retrying=True)
+
+    def _stream(self) -> None:
+        interval, timeout = self._config.ping_interval, self._config.ping_timeout
+        last_heard = time.monotonic()
+        ping_sent: float | None = None
+        while not self._stopping.is_set():
+            if not self._reader.buffered():
+                started = time.monotonic()
+                self._sink.flush()
+                # Time spent blocked in the sink (a full spool) is not the server's silence.
+                blocked = time.monotonic() - started
+                last_heard += blocked
+                ping_sent = None if ping_sent is None else ping_sent + blocked
+            now = time.monotonic()
+            wait = (interval - (now - last_heard)) if ping_sent is None \
+                else (timeout - (now - ping_sent))
+            frame = self._read(wait)
+            if frame is None:
+                if ping_sent is not None:
+                    raise ConnectionLost(f"no pong within {timeout}s")
+                self._send(lambda ws: ws.ping())
+                ping_sent = time.monotonic()
+                continue
+            last_heard, ping_sent = time.monotonic(), None
+            self._deliver(frame, time.time())
+
+    def _deliver(self, frame: frames.Frame, at: float) -> None:
+        if frame.opcode in (frames.TEXT, frames.BINARY):
+            self._sink.frame(frame.payload, frame.opcode == frames.BINARY, frame.size,
+                             frame.oversize, at)
+        elif frame.opcode == frames.PING:
+            self._send(lambda ws: ws.pong(frame.payload))
+        elif frame.opcode == frames.CLOSE:
+            code = int.from_bytes(frame.payload[:2], "big") if len(frame.payload) >= 2 else None
+            self._send(lambda ws: ws.send_close())
+            raise ConnectionLost(f"the server closed the stream (code {code})")
+
+    def _read(self, timeout: float) -> frames.Frame | None:
+        try:
+            return self._reader.read(max(timeout, 0.0))
+        except (frames.ConnectionClosed, frames.ProtocolError, OSError, ValueError) as exc:
+            raise ConnectionLost(str(exc) or type(exc).__name__) from None
+
+    def _send(self, action) -> None:
+        try:
+            action(self._ws)
+        except (OSError, websocket.WebSocketException) as exc:
+            raise ConnectionLost(f"send failed: {exc}") from None
+
+    def _close(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                ws.shutdown()
+            except Exception:  # noqa: BLE001 - closing a broken socket may fail any way
+                pass
+
+
+def _handshake_kind(payload: bytes) -> tuple[str, str]:
+    """(`type`, error message) of a handshake frame; ('', '') if it is not one."""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        return "", ""
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        return "", ""
+    data = obj.get("data")
+    message = data.get("errorMessage", "") if isinstance(data, dict) else ""
+    return obj["type"].lower(), message if isinstance(message, str) else ""
