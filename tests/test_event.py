@@ -11,7 +11,6 @@ bridge that republishes it after reconnecting would be stuck on it for ever).
 from __future__ import annotations
 
 import json
-import re
 
 import pika.data
 import pytest
@@ -20,11 +19,9 @@ from hypothesis import strategies as st
 
 from bridge.event import HEADER_VALUE_MAX, Reason, classify, quarantine
 from tests.support.json_values import any_char, event_objects, json_values, routable_objects
-from tests.test_routing import spec_type_word, spec_word
+from tests.support.spec import (QUARANTINE_REASONS, WORD, parsed, quarantine_reasons,
+                                spec_type_word, spec_word)
 
-WORD = re.compile(r"[a-z0-9_-]{1,64}")
-REASONS = {"oversize", "binary-frame", "invalid-utf8", "nul-byte", "invalid-json", "too-deep",
-           "duplicate-keys", "not-an-object", "missing-type", "type-not-string"}
 # RabbitMQ's default frame_max; the content header frame (all properties) must fit in it.
 FRAME_MAX = 131072
 # Room left for the other properties (message_id, timestamp, app_id, x-republished, ...).
@@ -235,22 +232,6 @@ def test_escaped_lone_surrogates_still_make_encodable_headers(field):
 
 # --- any frame at all ------------------------------------------------------------------
 
-def _parsed(body: bytes):
-    """The frame as strict JSON, or None: an independent view of what it holds."""
-    def no_duplicates(pairs):
-        if len({k for k, _ in pairs}) != len(pairs):
-            raise ValueError("duplicate")
-        return dict(pairs)
-
-    def no_constants(name):
-        raise ValueError(name)
-    try:
-        return json.loads(body.decode("utf-8"), object_pairs_hook=no_duplicates,
-                          parse_constant=no_constants)
-    except (ValueError, RecursionError):
-        return None
-
-
 frames = st.one_of(
     st.tuples(st.binary(max_size=300), st.booleans()),
     st.tuples(st.text(any_char, max_size=200).map(lambda s: s.encode("utf-8", "surrogatepass")),
@@ -262,7 +243,7 @@ frames = st.one_of(
 
 def check_any_frame(body: bytes, binary: bool) -> None:
     event = classify(body, T, binary=binary)
-    obj = None if binary else _parsed(body)
+    obj = None if binary else parsed(body)
     is_event_object = isinstance(obj, dict) and isinstance(obj.get("type"), str)
     if event is None:
         assert is_event_object and obj["type"] == "auth"
@@ -270,7 +251,8 @@ def check_any_frame(body: bytes, binary: bool) -> None:
     assert event.body == body
     if event.quarantined:
         assert not is_event_object
-        assert event.headers["x-quarantine-reason"] in REASONS
+        assert event.headers["x-quarantine-reason"] in QUARANTINE_REASONS
+        assert event.headers["x-quarantine-reason"] in quarantine_reasons(body, binary)
         assert event.headers["x-frame-bytes"] == len(body)
         assert event.headers["x-frame-opcode"] == ("binary" if binary else "text")
     else:

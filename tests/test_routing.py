@@ -7,29 +7,13 @@ broker close the channel. These tests hold `routing_key` to that for any JSON va
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bridge.routing import routing_key
 from tests.support.json_values import hostile_text, json_values
-
-WORD = re.compile(r"[a-z0-9_-]{1,64}")
-
-
-def spec_word(value: object) -> str:
-    """SPEC 3, literally: lowercase, replace unsafe characters, cut to 64; `none` if empty."""
-    if not isinstance(value, str) or value == "":
-        return "none"
-    return re.sub(r"[^a-z0-9_-]", "_", value.lower())[:64]
-
-
-def spec_type_word(value: object) -> str:
-    word = spec_word(value)
-    return "container" if word == "containter" else word
-
+from tests.support.spec import WORD, spec_type_word, spec_word
 
 def assert_safe(key: str) -> None:
     words = key.split(".")
