@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
 import uuid
 
 import pika
 
+from bridge.tools.worker import consume
 from tests.support import broker, procs
 from tests.support.wait import wait_for
 
@@ -52,6 +54,18 @@ def publish(topology, key: str, body: bytes, **headers) -> None:
                                      pika.BasicProperties(headers=headers or None))
 
 
+def run_worker(topology, patterns, handler, queue, stop: threading.Event, **kw) -> None:
+    """`consume` in a thread until the handler sets `stop`; fails instead of hanging."""
+    thread = threading.Thread(target=consume, args=(patterns, handler, queue), daemon=True,
+                              kwargs=dict(amqp_url=broker.AMQP_URL, exchange=topology.exchange,
+                                          unrouted=topology.unrouted, stop=stop, **kw))
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        stop.set()
+        raise AssertionError("the worker did not stop within 20s")
+
+
 def assert_one_line(stderr: str) -> None:
     assert "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
@@ -87,6 +101,12 @@ def test_bind_quorum_declares_a_quorum_queue(tmp_path, topology):
         conn.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
     code, _, err = run_tool(tmp_path, topology, "bind", "--quorum", queue, "service.#")
     assert code == 0, err
+    # The worker helper uses a quorum queue made by bind as it is.
+    got, stop = [], threading.Event()
+    publish(topology, "service.update", b'{"type":"service"}')
+    run_worker(topology, ["service.#"], lambda m: (got.append(m.body), stop.set()), queue,
+               stop)
+    assert got == [b'{"type":"service"}']
 
 
 def test_bind_a_queue_of_another_type_exits_4_with_one_line(tmp_path, topology):
@@ -178,3 +198,28 @@ def test_tail_with_no_broker_listening_exits_1(tmp_path, topology):
     assert code == 1
     assert_one_line(err)
     assert "cannot reach the broker" in err
+
+
+# --- the worker helper --------------------------------------------------------------------
+
+def test_worker_helper_acks_after_handling_dedupes_and_requeues_a_failure_once(topology):
+    queue = topology.bind("container.*")
+    calls, stop = [], threading.Event()
+
+    def handler(message):
+        calls.append((message.message_id, message.redelivered, message.json()))
+        if message.message_id == "poison":
+            raise RuntimeError("cannot handle this one")
+        if message.message_id == "last":
+            stop.set()
+
+    with broker.connect() as conn:
+        channel = conn.channel()
+        for n, message_id in enumerate(["a", "a", "poison", "last"]):
+            channel.basic_publish(topology.exchange, "container.update", b'{"n":%d}' % n,
+                                  pika.BasicProperties(message_id=message_id))
+    # prefetch 1: the requeued poison message comes back before "last" is delivered.
+    run_worker(topology, [], handler, queue, stop, prefetch=1)
+    assert calls == [("a", False, {"n": 0}), ("poison", False, {"n": 2}),
+                     ("poison", True, {"n": 2}), ("last", False, {"n": 3})]
+    assert broker.queue_depth(queue) == 0, "acked after handling, poison rejected once redelivered"

@@ -33,6 +33,7 @@ PREFETCH = 100
 POLL_SECONDS = 0.2          # how soon a stop request is noticed while no event arrives
 KEY_WIDTH, STATE_WIDTH = 24, 12
 DETAIL_MAX = 160
+READY_LINE = "tutum-bridge tail: watching"   # on stderr once bound: the demo waits for it
 
 
 def positive_int(text: str) -> int:
@@ -159,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
             channel.basic_qos(prefetch_count=PREFETCH)
             what = f"queue {queue!r}" if args.queue else (
                 f"{amqp.exchange!r} for " + " ".join(repr(p) for p in args.patterns or ["#"]))
-            sys.stderr.write(f"tutum-bridge tail: watching {what} (Ctrl-C to stop)\n")
+            sys.stderr.write(f"{READY_LINE} {what} (Ctrl-C to stop)\n")
             sys.stderr.flush()
             seen = 0
             for method, properties, body in channel.consume(queue,

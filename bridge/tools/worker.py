@@ -76,24 +76,27 @@ class _Recent:
 
 
 def _declare(channel, patterns: list[str], queue: str | None, exchange: str,
-             unrouted: str) -> str:
+             unrouted: str):
+    """(queue name, channel to consume on): the channel changes if the broker closed it."""
     broker.declare_exchange(channel, exchange, unrouted)
     try:
         if queue is None:
             queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
         else:
-            # Passive first: a queue made by `tutum-bridge bind --quorum` is fine as it is.
-            probe = channel.connection.channel()
             try:
-                probe.queue_declare(queue, passive=True)
-                probe.close()
-            except pika.exceptions.ChannelClosedByBroker:
                 channel.queue_declare(queue, durable=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 406:
+                    raise
+                # It exists with other arguments (`tutum-bridge bind --quorum`, say):
+                # use it as it is, on a fresh channel since this one is closed.
+                channel = channel.connection.channel()
+                channel.queue_declare(queue, passive=True)
         for pattern in patterns:
             channel.queue_bind(queue, exchange, pattern)
     except pika.exceptions.AMQPError as exc:
         raise broker.refusal(exc, f"declare and bind queue {queue!r}") from None
-    return queue
+    return queue, channel
 
 
 def consume(patterns: Iterable[str], handler: Callable[[Message], object],
@@ -136,8 +139,8 @@ def consume(patterns: Iterable[str], handler: Callable[[Message], object],
                 delay = min(delay * 2, reconnect_max)
                 continue
             try:
-                channel = connection.channel()
-                name = _declare(channel, patterns, queue, exchange, unrouted)
+                name, channel = _declare(connection.channel(), patterns, queue, exchange,
+                                         unrouted)
                 channel.basic_qos(prefetch_count=prefetch)
                 channel.basic_consume(name, on_message)
                 delay = 1.0
