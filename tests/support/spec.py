@@ -50,8 +50,11 @@ def spec_headers(obj: dict) -> dict[str, object]:
     return headers
 
 
-def parsed(payload: bytes) -> object | None:
-    """The frame as strict JSON (no duplicate keys, no NaN), or None."""
+INVALID = object()
+
+
+def parsed(payload: bytes) -> object:
+    """The frame as strict JSON (no duplicate keys, no NaN), or INVALID."""
     def no_duplicates(pairs):
         if len({k for k, _ in pairs}) != len(pairs):
             raise ValueError("duplicate key")
@@ -63,7 +66,7 @@ def parsed(payload: bytes) -> object | None:
         return json.loads(payload.decode("utf-8"), object_pairs_hook=no_duplicates,
                           parse_constant=no_constants)
     except (ValueError, RecursionError):
-        return None
+        return INVALID
 
 
 def quarantine_reasons(payload: bytes, binary: bool) -> set[str]:
@@ -80,7 +83,8 @@ def quarantine_reasons(payload: bytes, binary: bool) -> set[str]:
         return reasons
     if reasons:
         return reasons
-    if parsed(payload) is None:
+    obj = parsed(payload)
+    if obj is INVALID:
         try:
             json.loads(text, object_pairs_hook=dict)
         except RecursionError:
@@ -88,7 +92,6 @@ def quarantine_reasons(payload: bytes, binary: bool) -> set[str]:
         except ValueError:
             return {"invalid-json"}
         return {"duplicate-keys", "invalid-json"}     # duplicates, or NaN/Infinity
-    obj = parsed(payload)
     if not isinstance(obj, dict):
         return {"not-an-object"}
     if "type" not in obj:
