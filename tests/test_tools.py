@@ -223,3 +223,23 @@ def test_worker_helper_acks_after_handling_dedupes_and_requeues_a_failure_once(t
     assert calls == [("a", False, {"n": 0}), ("poison", False, {"n": 2}),
                      ("poison", True, {"n": 2}), ("last", False, {"n": 3})]
     assert broker.queue_depth(queue) == 0, "acked after handling, poison rejected once redelivered"
+
+
+# --- demo ----------------------------------------------------------------------------------
+
+def test_demo_shows_events_flowing_and_stops_cleanly_leaving_no_queue_bound(
+        tmp_path, topology, processes):
+    demo = procs.spawn(["demo", "--duration", "8", "--rate", "10"], tmp_path, "demo",
+                       {**tool_env(topology), "BRIDGE_QUARANTINE": topology.quarantine})
+    processes.append(demo)
+    assert demo.wait(40) == 0, demo.stderr
+    events = [line for line in demo.stdout.splitlines()
+              if TIME.match(line) and not line.split()[1].startswith("bridge.")]
+    assert events, f"no event line in the demo's output:\n{demo.stdout}\n{demo.stderr}"
+    assert "Traceback" not in demo.stderr
+    assert "bridge    | " in demo.stderr, "the bridge's log lines are shown, prefixed"
+    # The tail's queue went with it: an event now matches no binding and lands in the
+    # alternate exchange's queue, which the bridge declared.
+    broker.drain(topology.unrouted, timeout=1)
+    publish(topology, "container.update", b'{"marker":true}')
+    assert broker.drain(topology.unrouted, count=1)[0].body == b'{"marker":true}'

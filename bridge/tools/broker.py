@@ -112,13 +112,15 @@ def close(connection: pika.BlockingConnection) -> None:
 
 
 class StopRequest:
-    """SIGINT and SIGTERM set `event` instead of interrupting whatever runs, so a loop
+    """SIGINT and SIGTERM (or the given `signals`) set `event` instead of interrupting whatever runs, so a loop
     stops at a safe point (after the message in hand) and exits 0. Installed only in
     the main thread, the one place Python allows it; the old handlers come back on exit.
     """
 
-    def __init__(self, event: threading.Event | None = None) -> None:
+    def __init__(self, event: threading.Event | None = None,
+                 signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
         self.event = event or threading.Event()
+        self.signals = signals
         self._previous: dict[int, object] = {}
 
     @property
@@ -130,7 +132,7 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -33,6 +33,7 @@ PREFETCH = 100
 POLL_SECONDS = 0.2          # how soon a stop request is noticed while no event arrives
 KEY_WIDTH, STATE_WIDTH = 24, 12
 DETAIL_MAX = 160
+EXCERPT_MAX = 100           # of a body shown for want of a resource_uri
 READY_LINE = "tutum-bridge tail: watching"   # on stderr once bound: the demo waits for it
 
 
@@ -89,7 +90,8 @@ def summary(routing_key: str, headers: dict, body: bytes) -> str:
             return f"disconnected: {_printable(obj.get('reason', 'unknown reason'))}"
     if "resource_uri" in headers:
         return _printable(headers["resource_uri"])
-    return excerpt(body)
+    text = excerpt(body)
+    return text if len(text) <= EXCERPT_MAX else text[:EXCERPT_MAX - 3] + "..."
 
 
 class HumanPrinter:
