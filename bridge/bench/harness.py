@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+import pika
 import psutil
 
 from bridge.bench.children import BenchError, Child, Children, sim_stats, wait_until
@@ -76,6 +77,8 @@ class Bench:
         """All figures, by bridge. Stops and deletes everything it started, however it ends."""
         url = self.settings.amqp_url
         try:
+            self.say(f"run {self.topology.prefix}: exchange {self.topology.exchange}, "
+                     f"queue {self.topology.queue}")
             self.topology.declare(url)
             figures = {bridge: self.measure(bridge) for bridge in self.settings.bridges}
             if self.settings.backlog:
@@ -83,7 +86,10 @@ class Bench:
             return figures
         finally:
             self.children.stop_all()
-            self.topology.delete(url)
+            try:
+                self.topology.delete(url)
+            except pika.exceptions.AMQPError as exc:
+                self.say(f"warning: could not delete {self.topology.prefix}.*: {exc!r}")
 
     def measure(self, bridge: str) -> dict:
         s = self.settings
@@ -245,7 +251,8 @@ class Bench:
                     changed_at = now
                 elif now - changed_at > STALL_SECONDS:
                     raise BenchError(f"{session.name}: stuck at {current}/{expect} {verb} "
-                                     f"for {STALL_SECONDS:g}s")
+                                     f"for {STALL_SECONDS:g}s; its last output: "
+                                     f"{session.bridge.last_line()}")
                 last_count, last_at = current, now
             time.sleep(0.05)
         return result()

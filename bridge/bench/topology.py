@@ -34,6 +34,10 @@ class Topology:
     def queue(self) -> str:
         return f"{self.prefix}.all"
 
+    def names(self) -> dict[str, str]:
+        return {"exchange": self.exchange, "unrouted": self.unrouted,
+                "quarantine": self.quarantine, "queue": self.queue}
+
     def declare(self, url: str) -> None:
         with pika.BlockingConnection(pika.URLParameters(url)) as conn:
             ch = conn.channel()

@@ -1,0 +1,140 @@
+"""`tutum-bridge bench`: the real bridge against the naive one a user would write.
+
+Measures, for each bridge, burst throughput, latency at a fixed rate, CPU per event,
+peak memory and idle CPU, then prints a table (and `--json` writes every figure).
+Whatever it started it stops, and whatever it declared on the broker it deletes,
+also on Ctrl-C, which exits 130 after the cleanup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pika
+
+from bridge.bench.children import BenchError
+from bridge.bench.harness import BRIDGES, Bench, Settings
+from bridge.bench.report import ratios, table
+from bridge.config import Setting, parse_amqp_urls, redact_url, resolve
+from bridge.config import add_arguments as add_settings
+from bridge.errors import ConfigError
+
+AMQP_SETTING = (Setting("amqp_url", "AMQP_URL", "broker to measure against (its first URL)",
+                        "amqp://guest:guest@127.0.0.1:5672/%2F", parse_amqp_urls, secret=True),)
+
+# The children get the benchmark's environment minus anything that would configure
+# them behind its back.
+_CHILD_ENV_DROP = ("TUTUM_", "BRIDGE_", "AMQP_", "LOG_")
+
+
+class Interrupted(BaseException):
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, not {text!r}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
+
+
+def _bridges(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in BRIDGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown bridge {', '.join(unknown) or '(none)'}; choose from {','.join(BRIDGES)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", type=_count(1), default=50_000,
+                        help="events in the burst (default 50000)")
+    parser.add_argument("--rate", type=_count(1), default=1_000,
+                        help="events per second in the latency run (default 1000)")
+    parser.add_argument("--latency-seconds", type=_seconds, default=20.0,
+                        help="length of the latency run (default 20)")
+    parser.add_argument("--idle-seconds", type=_seconds, default=30.0,
+                        help="how long idle CPU is measured (default 30)")
+    parser.add_argument("--bridges", type=_bridges, default=BRIDGES,
+                        help=f"which bridges to measure (default {','.join(BRIDGES)})")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-idle", action="store_true")
+    parser.add_argument("--backlog", type=_count(0), default=0, metavar="N",
+                        help="also spool N events with the broker cut off and time the drain "
+                             "(real bridge only; default off)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure here")
+    add_settings(parser, AMQP_SETTING)
+
+
+def say(line: str) -> None:
+    sys.stderr.write(f"bench {time.strftime('%H:%M:%S')} {line}\n")
+    sys.stderr.flush()
+
+
+def _interrupt(signum: int, _frame) -> None:
+    # Once is enough: the cleanup that follows must not be cut short by a second Ctrl-C.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def main(args: argparse.Namespace) -> int:
+    amqp_url = resolve(args, os.environ, AMQP_SETTING)["amqp_url"][0]
+    if args.json and not args.json.parent.is_dir():
+        raise ConfigError(f"--json: no directory {args.json.parent} to write {args.json.name} in")
+    if args.backlog and "real" not in args.bridges:
+        say("note: --backlog measures the real bridge, which --bridges leaves out")
+    settings = Settings(amqp_url=amqp_url, events=args.events, rate=args.rate,
+                        latency_seconds=args.latency_seconds, idle_seconds=args.idle_seconds,
+                        bridges=args.bridges, skip_latency=args.skip_latency,
+                        skip_idle=args.skip_idle, backlog=args.backlog)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP)}
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="tutum-bench-") as workdir:
+            bench = Bench(settings, Path(workdir), base_env, say)
+            figures = bench.run()
+    except Interrupted as exc:
+        sys.stderr.write("tutum-bridge: bench interrupted; its processes are stopped and "
+                         "its exchange and queue deleted\n")
+        return 128 + exc.signum
+    except pika.exceptions.AMQPError as exc:
+        raise BenchError(f"broker {redact_url(amqp_url)}: {type(exc).__name__} {exc}") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(table(figures))
+    if args.json:
+        report = {"settings": {**asdict(settings), "amqp_url": redact_url(amqp_url)},
+                  "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+                              "python": platform.python_version()},
+                  "broker": bench.topology.names(), "bridges": figures,
+                  "ratios": ratios(figures)}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
