@@ -1,0 +1,106 @@
+"""`tutum-bridge bench` end to end: a tiny run of every bridge, and a clean Ctrl-C.
+
+The figures themselves depend on the machine; what a user relies on is that the run
+completes, reports every bridge, and leaves nothing behind on the broker or in the
+process table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import pika
+import psutil
+import pytest
+
+from tests.support.broker import connect
+from tests.support.wait import wait_for
+
+TINY = ["--events", "2000", "--rate", "200", "--latency-seconds", "3", "--idle-seconds", "2"]
+
+
+def bench(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bridge", "bench", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def exists_on_broker(kind: str, name: str) -> bool:
+    with connect() as conn:
+        ch = conn.channel()
+        try:
+            if kind == "queue":
+                ch.queue_declare(name, passive=True)
+            else:
+                ch.exchange_declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return False
+            raise
+        return True
+
+
+def assert_nothing_left(names: dict[str, str]) -> None:
+    for key, name in names.items():
+        kind = "queue" if key in ("queue", "quarantine") else "exchange"
+        assert not exists_on_broker(kind, name), f"{kind} {name} left on the broker"
+    assert not exists_on_broker("queue", names["unrouted"])
+
+
+@pytest.mark.slow
+def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = bench(*TINY, "--json", str(out))
+    stdout, stderr = proc.communicate(timeout=150)
+    assert proc.returncode == 0, stderr[-3000:]
+
+    report = json.loads(out.read_text())
+    assert set(report["bridges"]) == {"real", "naive-confirm", "naive-fire"}
+    for name, figures in report["bridges"].items():
+        assert figures["burst"]["events"] == 2000
+        assert figures["burst"]["events_per_second"] > 0, name
+        assert figures["burst"]["cpu_seconds_per_10k"] > 0, name
+        assert figures["latency"]["events"] == 600
+        latency = figures["latency"]["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p99"] <= latency["max"], name
+        assert figures["idle"]["cpu_percent"] >= 0, name
+        assert figures["peak_rss_bytes"] > 1024 * 1024, name
+        assert name in stdout  # a row of the table
+    assert set(report["ratios"]) == {"real/naive-confirm", "real/naive-fire"}
+    assert_nothing_left(report["broker"])
+
+
+def test_ctrl_c_stops_everything_and_exits_130():
+    proc = bench(*TINY, "--bridges", "naive-fire", "--events", "1000000")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")))
+    reader.start()
+    try:
+        wait_for(lambda: any("delivered" in line for line in lines), 60,
+                 what="the burst to start")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # simulator, consumer, bridge
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        reader.join(10)
+
+    assert proc.returncode == 130
+    assert lines[-1].startswith("tutum-bridge: bench interrupted")
+    assert "Traceback" not in "".join(lines)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    prefix = re.search(r"run (bench-[0-9a-f]+):", "".join(lines)).group(1)
+    assert_nothing_left({"exchange": f"{prefix}.events", "queue": f"{prefix}.all",
+                         "unrouted": f"{prefix}.unrouted", "quarantine": f"{prefix}.invalid"})
+
+
+def test_unknown_bridge_is_a_usage_error():
+    proc = bench("--bridges", "real,fastest")
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert stderr.count("\n") == 1 and "unknown bridge fastest" in stderr
