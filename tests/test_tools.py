@@ -11,9 +11,12 @@ import re
 import signal
 import threading
 import uuid
+from pathlib import Path
 
 import pika
 
+from bridge.config import RUN_SETTINGS
+from bridge.errors import EXIT_BROKER_REFUSED, EXIT_CONFIG, EXIT_UNAUTHORIZED
 from bridge.tools.worker import consume
 from tests.support import broker, procs
 from tests.support.wait import wait_for
@@ -243,3 +246,25 @@ def test_demo_shows_events_flowing_and_stops_cleanly_leaving_no_queue_bound(
     broker.drain(topology.unrouted, timeout=1)
     publish(topology, "container.update", b'{"marker":true}')
     assert broker.drain(topology.unrouted, count=1)[0].body == b'{"marker":true}'
+
+
+# --- deployment material ---------------------------------------------------------------
+
+def test_deployment_files_give_the_bridge_time_to_drain_and_never_restart_a_config_error():
+    """The grace periods must stay above the shutdown timeout, and systemd must not
+    restart on the exit codes a restart cannot fix; both drift silently otherwise."""
+    root = Path(__file__).resolve().parent.parent
+    shutdown = float(next(s.default for s in RUN_SETTINGS if s.name == "shutdown_timeout"))
+
+    def number(path: str, pattern: str) -> float:
+        return float(re.search(pattern, (root / path).read_text(), re.M).group(1))
+
+    unit = (root / "deploy/systemd/tutum-bridge.service").read_text()
+    prevent = re.search(r"^RestartPreventExitStatus=(.*)$", unit, re.M).group(1).split()
+    assert {int(c) for c in prevent} == {EXIT_CONFIG, EXIT_UNAUTHORIZED, EXIT_BROKER_REFUSED}
+    assert number("deploy/systemd/tutum-bridge.service", r"^TimeoutStopSec=(\d+)") > shutdown
+    configured = number("deploy/kubernetes/configmap.yaml", r'BRIDGE_SHUTDOWN_TIMEOUT: "(\d+)"')
+    assert number("deploy/kubernetes/statefulset.yaml",
+                  r"terminationGracePeriodSeconds: (\d+)") > configured
+    assert number("deploy/kubernetes/statefulset.yaml", r"^\s+replicas: (\d+)") == 1
+    assert number("deploy/docker-compose.yml", r"stop_grace_period: (\d+)s") > shutdown
