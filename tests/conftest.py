@@ -17,8 +17,12 @@ def topology():
 
 
 @pytest.fixture
-def processes(tmp_path):
-    """Collects started processes and stops whatever is still running at teardown."""
+def processes(tmp_path, topology):
+    """Collects started processes and stops whatever is still running at teardown.
+
+    Depends on `topology` so processes stop before its names are deleted: a bridge
+    still running at cleanup would re-declare them after the cleanup and leak them.
+    """
     started: list[procs.Proc] = []
     yield started
     for proc in started:
