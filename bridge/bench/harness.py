@@ -28,7 +28,7 @@ from bridge.bench.topology import Topology
 BRIDGES = ("real", "naive-confirm", "naive-fire")
 SIM_USER = "bench"
 IDLE_SETTLE = 1.0      # seconds after the last event before idle CPU is measured
-STALL_SECONDS = 60.0   # no progress this long: the bridge is stuck, give up
+STALL_SECONDS = 30.0   # no progress this long: the bridge is stuck, give up
 QUIET_CPU = 0.05       # CPU seconds per half second below which a bridge counts as idle
 
 
@@ -52,7 +52,7 @@ class Session:
     name: str
     sim: Child
     bridge: Child
-    consumer: Child | None
+    consumer: Child
     results: Path
     progress: Path
     meter: Meter = field(init=False)
@@ -62,7 +62,7 @@ class Session:
 
     @property
     def processes(self) -> list[Child]:
-        return [c for c in (self.sim, self.bridge, self.consumer) if c]
+        return [self.sim, self.bridge, self.consumer]
 
 
 class Bench:
@@ -104,7 +104,9 @@ class Bench:
                 if not s.skip_idle:
                     figures["idle"] = self.idle(session)
         elif not s.skip_idle:
-            with self.session(bridge, "idle", 0) as session:
+            # The simulator's --count is at least 1: one event proves the path, then silence.
+            with self.session(bridge, "idle", 1, "--rate", "0") as session:
+                self.deliver(session, 1)
                 figures["idle"] = self.idle(session)
         figures["peak_rss_bytes"] = max(f["peak_rss_bytes"] for f in figures.values()
                                         if "peak_rss_bytes" in f)
@@ -172,10 +174,8 @@ class Bench:
             started.append(sim)
             results = self.workdir / f"{name}.results.json"
             progress = self.workdir / f"{name}.progress.json"
-            consumer = None
-            if count:
-                consumer = self.start_consumer(name, count, results, progress)
-                started.append(consumer)
+            consumer = self.start_consumer(name, count, results, progress)
+            started.append(consumer)
             started.append(self.start_bridge(bridge, name, sim, amqp_url, env or {}))
             yield Session(name, sim, started[-1], consumer, results, progress)
         finally:
@@ -194,7 +194,8 @@ class Bench:
                      env: dict) -> Child:
         amqp_url = amqp_url or self.settings.amqp_url
         if bridge == "real":
-            return self.children.start(name, ["-m", "bridge", "run"], {
+            # An empty BRIDGE_METRICS_ADDR counts as unset (config.resolve); the flag turns it off.
+            return self.children.start(name, ["-m", "bridge", "run", "--metrics-addr="], {
                 "TUTUM_STREAM_HOST": sim.info["url"], "TUTUM_USER": SIM_USER,
                 "TUTUM_APIKEY": self.apikey, "AMQP_URL": amqp_url,
                 "BRIDGE_EXCHANGE": self.topology.exchange,
@@ -239,8 +240,7 @@ class Bench:
             for child in session.processes:
                 if child is not session.consumer:
                     child.check()
-            if session.consumer and session.consumer.popen.poll() is not None \
-                    and not session.results.exists():
+            if session.consumer.popen.poll() is not None and not session.results.exists():
                 session.consumer.check()
             now = time.monotonic()
             if now - last_at >= 1.0:
