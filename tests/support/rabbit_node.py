@@ -114,6 +114,11 @@ class RabbitNode:
         return self
 
     def _amqp_ok(self) -> bool:
+        # A plain TCP probe first: pika logs every refused attempt at ERROR level.
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
         try:
             params = pika.URLParameters(self.url + "?connection_attempts=1&socket_timeout=1")
             pika.BlockingConnection(params).close()
