@@ -8,7 +8,6 @@ line, without printing the API key or the broker password into a log aggregator.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pika

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests.support.broker import Received, drain, queue_depth
-from tests.support.spec import (INVALID, parsed, quarantine_reasons, spec_headers, spec_key,
+from tests.support.spec import (parsed, quarantine_reasons, spec_headers, spec_key,
                                 topic_matches)
 from tests.support.stream_client import Frame, read_frames
 
