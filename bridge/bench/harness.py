@@ -141,14 +141,15 @@ class Bench:
         """The real bridge with the broker cut: spool N events, then time the drain."""
         n, target = self.settings.backlog, urlsplit(self.settings.amqp_url)
         proxy = PausedProxy(target.hostname, target.port or 5672)
-        proxied = urlunsplit(target._replace(netloc=target.netloc.rpartition("@")[0]
-                                             + f"@127.0.0.1:{proxy.port}"))
+        userinfo, at, _ = target.netloc.rpartition("@")
+        proxied = urlunsplit(target._replace(netloc=f"{userinfo}{at}127.0.0.1:{proxy.port}"))
         try:
             with self.session("real", "backlog", n, "--rate", "0", amqp_url=proxied,
                               env={"BRIDGE_RECONNECT_MAX": "1"}) as session:
                 self.wait_spooled(session, n)
                 waiting_rss = session.meter.peak_rss()
-                spool_bytes = sum(p.stat().st_size for p in self.workdir.glob("real-backlog.spool*"))
+                spool_bytes = sum(p.stat().st_size
+                                  for p in self.workdir.glob(f"{session.name}.spool*"))
                 resumed_at = time.time()
                 proxy.resume()
                 got = self.deliver(session, n)
@@ -225,7 +226,9 @@ class Bench:
 
     def wait_spooled(self, session: Session, expect: int) -> None:
         """Until the simulator has sent all and the bridge has stopped working on them."""
-        sent = lambda: sim_stats(session.sim).get("sent", 0)  # noqa: E731
+        def sent() -> int:
+            return sim_stats(session.sim).get("sent", 0)
+
         self._follow(session, expect, "sent to the cut-off bridge", lambda: sent() >= expect,
                      sent, lambda: None)
         wait_until(lambda: _quiet(session.meter), 120, "the bridge to finish spooling",
