@@ -20,6 +20,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -61,6 +62,31 @@ class Frame:
 
     def chunks(self) -> Iterator[bytes]:
         yield frame_header(self.opcode, len(self.payload), self.fin) + self.payload
+
+
+@dataclass
+class Dribbled:
+    """One frame written in pieces, cut at `cuts` (offsets into the whole frame,
+    header included) with `pause` seconds between, so the client's reads see it
+    split. The pause shapes traffic, it synchronises nothing."""
+
+    payload: bytes
+    cuts: tuple[int, ...] = (1, 5)
+    pause: float = 0.05
+    opcode: int = TEXT
+    label: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
+
+    def chunks(self) -> Iterator[bytes]:
+        data = frame_header(self.opcode, len(self.payload)) + self.payload
+        edges = [0, *self.cuts, len(data)]
+        for i, (start, end) in enumerate(zip(edges, edges[1:])):
+            if i:
+                time.sleep(self.pause)
+            yield data[start:end]
 
 
 @dataclass
