@@ -276,7 +276,7 @@ def test_an_awkward_valid_event_is_delivered_and_does_not_stall_the_stream(
     everything = topology.bind("#")
     proc = bridge(simulator("--rate", "0", "--replay",
                             replay_file(tmp_path, [before, awkward, after])))
-    got = drain(everything, count=5, timeout=20)
+    got = drain(everything, count=5, timeout=10)
     assert [m.body for m in got[2:]] == [before.encode(), awkward.encode(), after.encode()]
     assert got[3].routing_key == "container.update"
     stop_cleanly(proc)
