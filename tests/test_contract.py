@@ -102,7 +102,7 @@ def test_each_binding_gets_exactly_its_events_in_order_byte_for_byte(
         assert msg.exchange == topology.exchange
     for msg in upstream:
         check_event_headers(msg)
-    ids = [m.message_id for m in (msg.properties for msg in everything)]
+    ids = [msg.properties.message_id for msg in everything]
     assert len(set(ids)) == len(ids)
 
     # The other patterns: exactly the matching events, in order, same message ids.
