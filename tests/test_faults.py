@@ -98,6 +98,33 @@ def test_broker_unreachable_for_30_seconds(rig):
     assert read_during_outage > 5000, "the stream must keep flowing while the broker is away"
 
 
+def test_broker_endpoint_that_accepts_then_resets(rig):
+    """What a load balancer or Docker's userland proxy does in front of a dead broker:
+    the TCP connection is accepted, then reset. 200 such attempts in a row (a short
+    backoff cap makes them quick) must leave the bridge publishing once the broker is
+    back. (pika raises out of its IOLoop on about 1 attempt in 60 here, when the reset
+    beats its getpeername().)"""
+    sim = rig.simulator("--rate", "400", "--count", "5000")
+    proxy = rig.broker_proxy()
+    proc = rig.bridge(sim, via=proxy, BRIDGE_RECONNECT_MAX="0.05")
+    rig.wait_delivered(400)
+
+    proxy.pause("reset")
+    rig.wait_log(proc, "broker.lost", 15)
+    attempts_before = len(rig.log_events(proc, "broker.connecting"))
+    deadline = time.monotonic() + 60
+    while proxy.stats.refused < 200:
+        assert time.monotonic() < deadline, (
+            f"the bridge stopped reconnecting after {proxy.stats.refused} attempts:\n"
+            + proc.stderr[proc.stderr.find("Exception in thread"):][:1500])
+        time.sleep(0.1)
+    proxy.resume()
+
+    ledger = rig.settle(sim, 5000, reset_attempts=proxy.stats.refused)
+    assert_guarantee(ledger)
+    assert len(rig.log_events(proc, "broker.connecting")) > attempts_before
+
+
 @pytest.mark.slow
 def test_kill_9_during_outage_then_restart_delivers_everything(rig):
     """SIGKILL while the broker is unreachable and 1,600 events wait in the spool; a new

@@ -4,9 +4,11 @@ The bridge connects through it (to the broker, or to the simulator), and the tes
 breaks the link without touching the peer:
 
 - `cut()`: reset every current connection (RST), keep accepting new ones;
-- `pause()`: reset every current connection and refuse new ones (accepted and reset
-  at once), an unreachable broker; `pause(hang=True)` holds new ones silent instead,
-  a peer that takes the SYN but never answers;
+- `pause(mode)`: reset every current connection, and then new ones are
+  `"refuse"`d (the port is closed: ECONNREFUSED, a stopped broker),
+  `"reset"` (accepted, then reset at once: a load balancer or Docker's userland proxy
+  in front of a dead broker), or `"hang"` (accepted and held silent: a peer that
+  takes the SYN but never answers);
 - `blackhole()`: keep every socket open but move no byte either way, and hold new
   connections silent: a half-open link, which only a keep-alive can detect;
 - `resume()`: forward again; connections held or black-holed meanwhile are reset,
@@ -63,10 +65,9 @@ class TcpProxy:
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self._listener.setblocking(False)
+        self._listener = self._listen(0)
         self.port = self._listener.getsockname()[1]
-        self.mode = "forward"          # forward | refuse | hang | blackhole
+        self.mode = "forward"          # forward | refuse | reset | hang | blackhole
         self.stats = ProxyStats()
         self._links: set[_Link] = set()
         self._sel = selectors.DefaultSelector()
@@ -89,8 +90,10 @@ class TcpProxy:
     def cut(self) -> None:
         self._call(self._reset_all)
 
-    def pause(self, hang: bool = False) -> None:
-        self._call(lambda: (self._reset_all(), self._set_mode("hang" if hang else "refuse")))
+    def pause(self, mode: str = "refuse") -> None:
+        if mode not in ("refuse", "reset", "hang"):
+            raise ValueError(f"unknown pause mode {mode!r}")
+        self._call(lambda: (self._reset_all(), self._set_mode(mode)))
 
     def blackhole(self) -> None:
         self._call(self._freeze_all)
@@ -124,7 +127,21 @@ class TcpProxy:
 
     # --- the selector thread -------------------------------------------------------
 
+    @staticmethod
+    def _listen(port: int) -> socket.socket:
+        listener = socket.create_server(("127.0.0.1", port), backlog=128)
+        listener.setblocking(False)
+        return listener
+
     def _set_mode(self, mode: str) -> None:
+        """Closing the listener is the only way to have the kernel refuse connections;
+        it is opened again, on the same port, when the mode leaves "refuse"."""
+        if mode == "refuse" and self.mode != "refuse":
+            self._sel.unregister(self._listener)
+            self._listener.close()
+        elif mode != "refuse" and self.mode == "refuse":
+            self._listener = self._listen(self.port)
+            self._sel.register(self._listener, selectors.EVENT_READ, "accept")
         self.mode = mode
 
     def _loop(self) -> None:
@@ -158,7 +175,7 @@ class TcpProxy:
             except BlockingIOError:
                 return
             self.stats.accepted += 1
-            if self.mode == "refuse":
+            if self.mode == "reset":
                 self.stats.refused += 1
                 _reset(client)
                 continue
@@ -262,5 +279,6 @@ class TcpProxy:
     def _shutdown(self) -> None:
         self._closed = True
         self._reset_all()
-        self._sel.unregister(self._listener)
-        self._listener.close()
+        if self.mode != "refuse":
+            self._sel.unregister(self._listener)
+            self._listener.close()
