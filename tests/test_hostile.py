@@ -208,7 +208,7 @@ def collect(queue: str, count: int, timeout: float) -> list[broker.Received]:
     return broker.drain(queue, None, timeout=timeout, idle=0.5)
 
 
-def routed_events(queue: str, count: int, timeout: float = 60) -> tuple[list, list]:
+def routed_events(queue: str, count: int, timeout: float = 40) -> tuple[list, list]:
     """(upstream events, bridge lifecycle events) from a queue bound `#`."""
     got = collect(queue, count, timeout)
     return ([m for m in got if not m.routing_key.startswith("bridge.")],

@@ -256,7 +256,7 @@ class HostileServer:
 
     def stop(self) -> None:
         self._stopping.set()
-        self._listener.close()
+        _shutdown(self._listener)       # close() alone does not wake a blocked accept()
         with self._lock:
             sockets = list(self._sockets)
         for sock in sockets:
