@@ -13,7 +13,6 @@ seed gives the same frames however the connections come and go.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
@@ -44,11 +43,10 @@ MALFORMED = (
 )
 
 
-def generated(events: Iterable[dict]) -> Iterator[bytes]:
-    """Events as the server writes them: compact-enough JSON, UTF-8, no re-reading."""
-    dumps = json.JSONEncoder(ensure_ascii=False).encode
+def generated(events: Iterable[str]) -> Iterator[bytes]:
+    """The world's events (JSON text) as the UTF-8 bytes a text frame carries."""
     for event in events:
-        yield dumps(event).encode()
+        yield event.encode()
 
 
 def replayed(path: Path) -> Iterator[bytes]:
