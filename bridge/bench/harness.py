@@ -127,14 +127,14 @@ class Bench:
     def idle(self, session: Session) -> dict:
         wait_until(lambda: _connected(session), 30, f"{session.name} to connect", session.bridge)
         time.sleep(IDLE_SETTLE)  # let the last events' bookkeeping finish: measured, not synced
-        cpu_before, start = session.meter.cpu(), time.monotonic()
+        cpu_before, start = session.meter.cpu_exact(), time.monotonic()
         end = start + self.settings.idle_seconds
         while (now := time.monotonic()) < end:
             session.bridge.check()
             self.say(f"idle     {session.name:24} {now - start:5.0f}/"
                      f"{self.settings.idle_seconds:g} s")
             time.sleep(min(1.0, end - now))
-        cpu, seconds = session.meter.cpu() - cpu_before, time.monotonic() - start
+        cpu, seconds = session.meter.cpu_exact() - cpu_before, time.monotonic() - start
         return {"seconds": seconds, "cpu_seconds": cpu, "cpu_percent": 100 * cpu / seconds}
 
     def backlog(self) -> dict:

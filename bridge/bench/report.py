@@ -23,7 +23,7 @@ COLUMNS: list[tuple[str, Callable[[dict], float | None], str]] = [
     ("CPU s/10k", _get("burst", "cpu_seconds_per_10k"), "{:.2f}"),
     ("peak RSS MiB", lambda f: f["peak_rss_bytes"] / MiB if "peak_rss_bytes" in f else None,
      "{:.1f}"),
-    ("idle CPU %", _get("idle", "cpu_percent"), "{:.2f}"),
+    ("idle CPU %", _get("idle", "cpu_percent"), "{:.3f}"),
 ]
 
 
