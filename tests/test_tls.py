@@ -41,9 +41,8 @@ def tls_node(pki):
         node.discard()
 
 
-def start(bridge, sim, **env: str) -> procs.Proc:
-    # An ephemeral metrics port: the default one is shared by every bridge on the host.
-    return bridge(sim, BRIDGE_METRICS_ADDR="127.0.0.1:0", **{k: str(v) for k, v in env.items()})
+def start(bridge, sim, **env: object) -> procs.Proc:
+    return bridge(sim, **{k: str(v) for k, v in env.items()})
 
 
 def simulated_events(queue: str, url: str = broker.AMQP_URL) -> list[dict]:
@@ -94,13 +93,13 @@ def _is_json(line: str) -> bool:
 
 def wss_simulator(simulator, pki, *flags: str) -> procs.Proc:
     sim = simulator("--certfile", str(pki.server_cert), "--keyfile", str(pki.server_key),
-                    "--rate", "0", "--sequence", *flags)
+                    "--sequence", *flags)
     assert sim.info["url"].startswith("wss://"), sim.info
     return sim
 
 
 def test_stream_over_wss_verified_by_private_ca_delivers(pki, simulator, bridge, topology):
-    sim = wss_simulator(simulator, pki, "--count", str(EVENTS))
+    sim = wss_simulator(simulator, pki, "--rate", "0", "--count", str(EVENTS))
     queue = topology.bind("#")
     proc = start(bridge, sim, TUTUM_CA_FILE=pki.ca)
     events = simulated_events(queue)
@@ -151,7 +150,7 @@ def test_amqps_client_certificate_is_presented_and_accepted(
 
 def test_amqps_broker_certificate_from_unknown_ca_exits_1_at_once(
         pki, tls_node, simulator, bridge):
-    sim = simulator("--rate", "0")
+    sim = simulator()
     proc = start(bridge, sim, AMQP_URL=tls_node.amqps_url(), AMQP_CA_FILE=pki.untrusted_ca)
     assert_fails_fast_with_one_line(proc, "certificate", "verif")
 
@@ -160,7 +159,7 @@ def test_amqps_client_certificate_the_broker_rejects_is_fatal(
         pki, tls_node, simulator, bridge):
     """The broker refuses a client certificate from a CA it does not know: retrying
     cannot fix that, so the bridge must say so and stop, not loop quietly."""
-    sim = simulator("--rate", "0")
+    sim = simulator()
     proc = start(bridge, sim, AMQP_URL=tls_node.amqps_url(), AMQP_CA_FILE=pki.ca,
                  AMQP_CERT_FILE=pki.untrusted_client_cert,
                  AMQP_KEY_FILE=pki.untrusted_client_key)
