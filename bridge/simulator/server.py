@@ -44,7 +44,7 @@ from bridge.simulator.world import notifications
 EVENTS_PATHS = ("/v1/events", "/v1/events/")
 BATCH = 256                 # frames taken from the source at once
 STATS_LOG_SECONDS = 10.0
-SHUTDOWN_SECONDS = 3.0
+SHUTDOWN_SECONDS = 1.0      # for clients to answer the closing handshake
 
 
 @dataclass
@@ -232,9 +232,11 @@ class Session:
         self.sent += valid
         self.pacer.sent(valid)
         ws.transport.write(b"".join(protocol.data_to_send()))
-        # Waits while the client's socket is full (flow control) and lets the other
-        # connections and the HTTP routes run between batches.
+        # Wait while the client's socket is full (flow control); and yield even when it
+        # is not, or a fast client would keep every other connection, the pongs and
+        # the HTTP routes waiting until the stream ends.
         await ws.drain()
+        await asyncio.sleep(0)
 
     async def _stall(self, seconds: float) -> None:
         """A half-open link: no frames out, and no pongs, as nothing is read."""
@@ -370,7 +372,9 @@ class Simulator:
         try:
             await asyncio.wait_for(server.wait_closed(), SHUTDOWN_SECONDS)
         except asyncio.TimeoutError:
-            pass
+            # Clients that do not answer the close frame (stalled, gone): drop them.
+            for ws in server.connections:
+                ws.transport.abort()
 
     async def _report(self) -> None:
         while True:
@@ -379,7 +383,11 @@ class Simulator:
 
 
 def _close_code(ws: ServerConnection) -> int | None:
-    return ws.close_code
+    """The close code sent or received, even while the closing handshake is under way."""
+    protocol = ws.protocol
+    close = protocol.close_rcvd or protocol.close_sent
+    code = ws.close_code if ws.close_code is not None else close and close.code
+    return None if code is None else int(code)
 
 
 def _json_response(ws: ServerConnection, body: dict) -> Response:
