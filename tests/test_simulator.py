@@ -296,6 +296,23 @@ def test_http_routes_stats_health_and_404(simulator, connect):
                                 "rejected": 1, "last_seq": 10}
 
 
+def test_wss_with_a_certificate(simulator, connect, tmp_path):
+    import ssl
+
+    from tests.support.tls import make_pki
+    pki = make_pki(tmp_path / "pki")
+    sim = simulator(*FAST, "--count", "3", "--certfile", str(pki.server_cert),
+                    "--keyfile", str(pki.server_key))
+    assert sim.info["url"] == f"wss://127.0.0.1:{sim.info['port']}"
+    ws = websocket.create_connection(events_url(sim), timeout=10,
+                                     sslopt={"ca_certs": str(pki.ca),
+                                             "cert_reqs": ssl.CERT_REQUIRED})
+    try:
+        assert json.loads(ws.recv()) == {"type": "auth", "user": SIM_USER}
+    finally:
+        ws.close()
+
+
 # --- faults -----------------------------------------------------------------------------
 
 def test_drop_every_closes_cleanly_and_the_next_connection_continues(simulator, connect):
@@ -451,7 +468,7 @@ def test_sigterm_stops_promptly_with_exit_0_even_with_a_stalled_client(simulator
     ws = connect(sim)
     greeted(ws)
     recv(ws, 1)
-    wait_for(lambda: "stalling" in sim.stderr, 5, what="the stall to start")
+    wait_for(lambda: "stalled" in sim.stderr, 5, what="the stall to start")
     t0 = time.monotonic()
     assert sim.stop(timeout=10) == 0
     assert time.monotonic() - t0 < 5

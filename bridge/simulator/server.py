@@ -1,14 +1,11 @@
-"""The Tutum-compatible stream server: HTTP routes, sessions, pacing and faults.
+"""The Tutum-compatible stream server: HTTP routes, authentication, lifecycle, counters.
 
 `GET /v1/events` upgrades to a websocket; `GET /stats` answers JSON counters;
 `GET /healthz` answers 200; anything else 404. A websocket with bad credentials still
 completes its handshake, gets Tutum's UNAUTHORIZED error frame and is closed, so a
-client sees exactly what the hosted service did.
-
-Each authenticated connection is a `Session`: `auth`, one `user-notifications`
-batch, then frames from the global `Source`, paced per connection and subject to the
-fault knobs (drop, stall). Nothing a client does (garbage handshakes, data frames,
-vanishing mid-send) may end the server: a session ends, the server stays.
+client sees exactly what the hosted service did. Each authenticated connection is a
+`Session`. Nothing a client does (garbage handshakes, data frames, vanishing
+mid-send) may end the server: a session ends, the server stays.
 """
 
 from __future__ import annotations
@@ -17,16 +14,13 @@ import asyncio
 import http
 import json
 import logging
-import math
 import os
 import signal
 import ssl
 import sys
 import time
 from dataclasses import asdict, dataclass
-from enum import Enum
 from pathlib import Path
-from random import Random
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -34,15 +28,13 @@ import structlog
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from bridge.errors import BridgeError
 from bridge.simulator.auth import Credentials
-from bridge.simulator.source import Frame, Source
-from bridge.simulator.world import notifications
+from bridge.simulator.session import Session, peer
+from bridge.simulator.source import Source
 
 EVENTS_PATHS = ("/v1/events", "/v1/events/")
-BATCH = 256                 # frames taken from the source at once
 STATS_LOG_SECONDS = 10.0
 SHUTDOWN_SECONDS = 1.0      # for clients to answer the closing handshake
 
@@ -76,15 +68,6 @@ class Stats:
     last_seq: int = 0       # the last sim_seq given (= sent)
 
 
-class Phase(Enum):
-    """Where a session is in its life."""
-
-    STREAMING = "streaming"
-    STALLED = "stalled"
-    ENDED = "ended"         # the stream is exhausted: the connection stays open, silent
-    CLOSED = "closed"
-
-
 def make_logger():
     """One human-readable line per event on stderr, independent of the bridge's setup."""
     return structlog.wrap_logger(
@@ -113,174 +96,6 @@ class _OneLine(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(record).replace("\n", " | ")
-
-
-class Pacer:
-    """How many events a connection may send now, on a monotonic schedule.
-
-    Event k (from 0) is due at `start + k / rate`, so sleeping late or sending slowly
-    is caught up and the average rate stays exact; `restart` forgets the schedule
-    (after a stall the stream resumes at the rate, not with a burst).
-    """
-
-    def __init__(self, rate: float):
-        self.rate = rate
-        self.restart()
-
-    def restart(self) -> None:
-        self._start: float | None = None
-        self._sent = 0
-
-    async def allowance(self, limit: int) -> int:
-        if not self.rate:
-            return limit
-        now = time.monotonic()
-        if self._start is None:
-            self._start = now
-        due = math.floor((now - self._start) * self.rate) + 1 - self._sent
-        if due <= 0:
-            await asyncio.sleep(self._start + self._sent / self.rate - now)
-            due = 1
-        return min(due, limit)
-
-    def sent(self, n: int) -> None:
-        self._sent += n
-
-
-class Session:
-    """One authenticated connection: its counters, its pacing, its faults."""
-
-    def __init__(self, sim: Simulator, ws: ServerConnection, number: int, user: str):
-        self.sim, self.ws, self.number, self.user = sim, ws, number, user
-        self.peer = _peer(ws)
-        self.phase = Phase.STREAMING
-        self.sent = 0                   # valid events sent on this connection
-        self.stalled = False            # the one stall of this connection happened
-        self.pacer = Pacer(sim.settings.rate)
-        self.log = sim.log.bind(conn=number, peer=self.peer)
-
-    async def run(self) -> None:
-        discard = asyncio.create_task(self._discard_incoming())
-        try:
-            await self._greet()
-            await self._stream()
-        except ConnectionClosed:
-            pass
-        finally:
-            discard.cancel()
-            self.phase = Phase.CLOSED
-
-    async def _greet(self) -> None:
-        rng = Random(f"{self.sim.settings.seed}-notifications-{self.number}")
-        await self.ws.send(json.dumps({"type": "auth", "user": self.user}))
-        await self.ws.send(json.dumps(notifications(rng, self.sim.clock())))
-
-    async def _discard_incoming(self) -> None:
-        """Read and drop what the client sends, so its data never blocks our pongs."""
-        try:
-            async for _ in self.ws:
-                pass
-        except ConnectionClosed:
-            pass
-
-    async def _stream(self) -> None:
-        settings, source = self.sim.settings, self.sim.source
-        while True:
-            limit = BATCH
-            if settings.drop_every:
-                if self.sent >= settings.drop_every:
-                    await self.ws.close(1000, "simulated drop")
-                    return
-                limit = min(limit, settings.drop_every - self.sent)
-            if settings.stall_after and not self.stalled:
-                if self.sent >= settings.stall_after:
-                    await self._stall(settings.stall_seconds)
-                    continue
-                limit = min(limit, settings.stall_after - self.sent)
-            n = await self.pacer.allowance(limit)
-            frames = source.take(n)
-            if not frames:
-                self.phase = Phase.ENDED
-                await self._idle()
-                self.phase = Phase.STREAMING
-                continue
-            await self._send(frames)
-
-    async def _send(self, frames: list[Frame]) -> None:
-        """Send frames in order, as one write: a syscall per frame would cost more than
-        everything else the simulator does. A frame counts once handed to an open
-        connection; if the connection is gone, the batch goes back to the source."""
-        ws, stats = self.ws, self.sim.stats
-        if ws.protocol.state is not State.OPEN:
-            self.sim.source.give_back(frames)
-            raise ConnectionClosed(None, None)
-        protocol, sequence = ws.protocol, self.sim.settings.sequence
-        valid = 0
-        for frame in frames:
-            payload = frame.payload
-            if frame.valid:
-                valid += 1
-                if sequence:
-                    payload = _stamp(payload, stats.last_seq + valid)
-            if frame.text:
-                protocol.send_text(payload)
-            else:
-                protocol.send_binary(payload)
-        stats.sent += valid
-        stats.last_seq += valid
-        stats.malformed += len(frames) - valid
-        self.sent += valid
-        self.pacer.sent(valid)
-        ws.transport.write(b"".join(protocol.data_to_send()))
-        # Wait while the client's socket is full (flow control); and yield even when it
-        # is not, or a fast client would keep every other connection, the pongs and
-        # the HTTP routes waiting until the stream ends.
-        await ws.drain()
-        await asyncio.sleep(0)
-
-    async def _stall(self, seconds: float) -> None:
-        """A half-open link: no frames out, and no pongs, as nothing is read."""
-        self.stalled, self.phase = True, Phase.STALLED
-        self.log.info("stalling", seconds=seconds, sent=self.sent)
-        transport = self.ws.transport
-        transport.pause_reading()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.ws.wait_closed()), seconds)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            if not transport.is_closing():
-                transport.resume_reading()
-        self.phase = Phase.STREAMING
-        self.pacer.restart()
-        self.log.info("stall over", sent=self.sent)
-
-    async def _idle(self) -> None:
-        """The stream ended: stay open and silent until the client leaves, or until a
-        dead connection gives frames back."""
-        closed = asyncio.ensure_future(self.ws.wait_closed())
-        refill = asyncio.ensure_future(self.sim.source.wait_refill())
-        try:
-            await asyncio.wait((closed, refill), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            refill.cancel()
-            closed.cancel()
-        if self.ws.protocol.state is not State.OPEN:
-            raise ConnectionClosed(None, None)
-
-
-def _stamp(payload: bytes, seq: int) -> bytes:
-    """The event with `sim_seq` and `sim_sent_at` appended to its JSON object."""
-    return b"%s, \"sim_seq\": %d, \"sim_sent_at\": %.6f}" % (
-        payload[:payload.rindex(b"}")], seq, time.time())
-
-
-def _peer(ws: ServerConnection) -> str:
-    try:
-        host, port = ws.remote_address[:2]
-        return f"{host}:{port}"
-    except (TypeError, ValueError):
-        return "?"
 
 
 class Simulator:
@@ -325,13 +140,12 @@ class Simulator:
                 await session.run()
             finally:
                 self.stats.active -= 1
-                session.log.info("closed", sent=session.sent, code=_close_code(ws))
         except Exception as exc:  # noqa: BLE001 - one session's bug must not end the server
             self.log.error("session failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _reject(self, ws: ServerConnection) -> None:
         self.stats.rejected += 1
-        self.log.warning("rejected login", peer=_peer(ws), reason="bad or missing credentials")
+        self.log.warning("rejected login", peer=peer(ws), reason="bad or missing credentials")
         try:
             await ws.send(json.dumps({"type": "error", "data": {"errorMessage": "UNAUTHORIZED"}}))
             await ws.close(1008, "UNAUTHORIZED")
@@ -380,14 +194,6 @@ class Simulator:
         while True:
             await asyncio.sleep(STATS_LOG_SECONDS)
             self.log.info("stats", **asdict(self.stats))
-
-
-def _close_code(ws: ServerConnection) -> int | None:
-    """The close code sent or received, even while the closing handshake is under way."""
-    protocol = ws.protocol
-    close = protocol.close_rcvd or protocol.close_sent
-    code = ws.close_code if ws.close_code is not None else close and close.code
-    return None if code is None else int(code)
 
 
 def _json_response(ws: ServerConnection, body: dict) -> Response:
