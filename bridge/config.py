@@ -51,6 +51,8 @@ def parse_seconds(text: str) -> float:
 
 
 def parse_positive_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError("must be a positive whole number")
     value = int(text)
     if value <= 0:
         raise ValueError("must be a positive whole number")
@@ -100,14 +102,16 @@ def parse_amqp_urls(text: str) -> tuple[str, ...]:
     urls = tuple(u.strip() for u in text.split(",") if u.strip())
     if not urls:
         raise ValueError("expected at least one amqp:// or amqps:// URL")
-    for url in urls:
+    for number, url in enumerate(urls, 1):
+        # The URL itself is never echoed: a malformed one may hide its password anywhere.
+        which = f"URL {number} of {len(urls)}" if len(urls) > 1 else "the URL"
         parts = urlsplit(url)
         if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError(f"{redact_url(url)} is not an amqp:// or amqps:// URL")
+            raise ValueError(f"{which} is not of the form amqp://user:password@host:port/vhost")
         try:
             parts.port
         except ValueError:
-            raise ValueError(f"{redact_url(url)} has a bad port") from None
+            raise ValueError(f"{which} has a bad port") from None
     return urls
 
 
@@ -160,6 +164,8 @@ class Setting:
     parse: Callable[[str], object] = str
     secret: bool = False
     flag_value: bool = False       # a flag that takes no argument (sets "true")
+    echo: bool = True              # a bad value may be quoted in the error message
+    empty_means_off: bool = False  # an empty variable is a value, not "unset"
 
     @property
     def flag(self) -> str:
@@ -174,9 +180,9 @@ STREAM_SETTINGS = (
     Setting("auth", "TUTUM_AUTH", "verbatim Authorization header, instead of user and key",
             secret=True),
     Setting("stream_host", "TUTUM_STREAM_HOST", "stream host; events are at /v1/events",
-            DEFAULT_STREAM_HOST, parse_stream_host),
+            DEFAULT_STREAM_HOST, parse_stream_host, echo=False),
     Setting("stream_url", "TUTUM_STREAM_URL", "full events URL; overrides the host",
-            parse=parse_stream_url),
+            parse=parse_stream_url, echo=False),
     Setting("ca_file", "TUTUM_CA_FILE", "CA bundle to verify the stream's TLS certificate",
             parse=parse_existing_file),
     Setting("ping_interval", "BRIDGE_PING_INTERVAL", "seconds between websocket pings",
@@ -232,7 +238,7 @@ RUN_SETTINGS = (
             "seconds allowed on SIGTERM to publish and confirm what is pending", "10",
             parse_seconds),
     Setting("metrics_addr", "BRIDGE_METRICS_ADDR", "metrics and health listener, empty: off",
-            "127.0.0.1:9120", parse_addr),
+            "127.0.0.1:9120", parse_addr, empty_means_off=True),
 )
 
 LOG_SETTINGS = (
@@ -263,7 +269,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str],
     for s in settings:
         text = getattr(args, s.name, None)
         source = s.flag
-        if text is None and s.env and environ.get(s.env, "") != "":
+        if text is None and s.env and (environ.get(s.env, "") != ""
+                                       or (s.empty_means_off and s.env in environ)):
             text, source = environ[s.env], s.env
         if text is None:
             text, source = s.default, "default"
@@ -273,7 +280,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str],
         try:
             values[s.name] = s.parse(text)
         except ValueError as exc:
-            shown = "" if s.secret else f" {text!r}"
+            shown = f" {text!r}" if s.echo and not s.secret else ""
             raise ConfigError(f"{source}:{shown} {exc}") from None
     return values
 

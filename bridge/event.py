@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 from dataclasses import dataclass, field
 
 from bridge.routing import routing_key, routing_word
 
-HEADER_VALUE_MAX = 1024      # characters of any one string header value
-PARENTS_MAX = 64             # entries in the `parents` list header
+# Header bounds. RabbitMQ refuses a header frame over its frame_max (128 KiB by
+# default), so the worst case must fit: 32 parents, each in the list and as a
+# `parent-<kind>` header, of 256 characters of up to 4 UTF-8 bytes, is about 66 KB.
+HEADER_VALUE_MAX = 256       # characters of any one string header value
+PARENTS_MAX = 32             # entries in the `parents` list header
 EXCERPT_MAX = 200            # characters of a quarantined frame shown in a log line
 
 _PARENT_URI = re.compile(r"/api/v1/([^/]+)/([^/]+)/?\Z")
@@ -71,8 +75,14 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+def _parse_int(digits: str) -> object:
+    # Python refuses to turn more than 4,300 digits into an int (a guard against
+    # quadratic conversion); such a number is still valid JSON, so keep it exact.
+    return int(digits) if len(digits) <= 4000 else Decimal(digits)
+
+
 _decoder = json.JSONDecoder(object_pairs_hook=_object_without_duplicates,
-                            parse_constant=_reject_constant)
+                            parse_constant=_reject_constant, parse_int=_parse_int)
 
 
 def quarantine(body: bytes, received_at: float, reason: str, detail: str,
@@ -80,7 +90,7 @@ def quarantine(body: bytes, received_at: float, reason: str, detail: str,
     """An event for the quarantine queue; `size` is the frame's size when `body` is cut."""
     headers: dict[str, object] = {
         "x-quarantine-reason": reason,
-        "x-quarantine-detail": detail[:HEADER_VALUE_MAX],
+        "x-quarantine-detail": header_value(detail),
         "x-frame-opcode": "binary" if binary else "text",
         "x-frame-bytes": len(body) if size is None else size,
     }
@@ -122,18 +132,29 @@ def classify(body: bytes, received_at: float, *, binary: bool = False) -> Event 
     return Event(key, body, received_at, event_headers(obj, type_word, action_word))
 
 
+def header_value(text: str) -> str:
+    """A string that fits the bounds and that UTF-8 can carry.
+
+    Valid JSON can hold a lone surrogate (`"\\ud800"`), which no AMQP header can.
+    """
+    text = text[:HEADER_VALUE_MAX]
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
 def event_headers(obj: dict, type_word: str, action_word: str) -> dict[str, object]:
     """`type`, `action`, `state`, `resource_uri`, `parents` and `parent-<kind>` headers."""
     headers: dict[str, object] = {"type": type_word, "action": action_word}
     state = obj.get("state")
     if isinstance(state, str):
-        headers["state"] = state[:HEADER_VALUE_MAX]
+        headers["state"] = header_value(state)
     uri = obj.get("resource_uri")
     if isinstance(uri, str):
-        headers["resource_uri"] = uri[:HEADER_VALUE_MAX]
+        headers["resource_uri"] = header_value(uri)
     parents = obj.get("parents")
     if isinstance(parents, list) and parents:
-        kept = [p[:HEADER_VALUE_MAX] for p in parents[:PARENTS_MAX] if isinstance(p, str)]
+        kept = [header_value(p) for p in parents[:PARENTS_MAX] if isinstance(p, str)]
         headers["parents"] = kept
         for uri in kept:
             match = _PARENT_URI.match(uri)

@@ -90,6 +90,7 @@ class FrameReader:
             raise ConnectionClosed("the server closed the connection")
         if self._skip:
             dropped = min(self._skip, len(data))
+            self._keep_excerpt(data[:dropped])
             self._skip -= dropped
             data = data[dropped:]
         self._buf = self._buf[self._pos:] + data if self._pos < len(self._buf) else data
@@ -133,33 +134,35 @@ class FrameReader:
             raise ProtocolError(f"unknown opcode {opcode}")
         if (opcode == CONTINUATION) != (self._msg_opcode is not None):
             raise ProtocolError("unexpected continuation frame")
-        if opcode != CONTINUATION:
-            self._msg_opcode = opcode
 
+        # Nothing below changes the reader's state until the frame is consumed, so an
+        # incomplete frame is simply parsed again once more bytes have arrived.
         if self._msg_oversize or self._msg_size + length > self._max:
-            return self._drop_payload(pos, header, length, bool(fin))
+            return self._drop_payload(pos, header, length, opcode, bool(fin))
         if available < header + length:
             return None
         end = pos + header + length
         payload = buf[pos + header:end]
         self._pos = end
-        if fin and not self._parts:          # the common case: one frame, one message
-            self._msg_opcode = None
+        if fin and opcode != CONTINUATION:   # the common case: one frame, one message
             return Frame(opcode, payload, length)
+        if opcode != CONTINUATION:
+            self._msg_opcode = opcode
         self._parts.append(payload)
         self._msg_size += length
         return self._finish_message() if fin else self._parse()
 
-    def _drop_payload(self, pos: int, header: int, length: int, fin: bool) -> Frame | None:
+    def _drop_payload(self, pos: int, header: int, length: int, opcode: int,
+                      fin: bool) -> Frame | None:
         """Keep what fits in the excerpt, drop the rest as it streams in."""
         if len(self._buf) - pos < header:
             return None
+        if opcode != CONTINUATION:
+            self._msg_opcode = opcode
         self._msg_oversize = True
         start = pos + header
         in_buffer = min(length, len(self._buf) - start)
-        kept = sum(map(len, self._parts))
-        if kept < EXCERPT_KEEP:
-            self._parts.append(self._buf[start:start + min(in_buffer, EXCERPT_KEEP - kept)])
+        self._keep_excerpt(self._buf[start:start + in_buffer])
         self._msg_size += length
         self._pos = start + in_buffer
         self._skip = length - in_buffer
@@ -167,6 +170,11 @@ class FrameReader:
             self._skip_fin = fin
             return None
         return self._finish_message() if fin else self._parse()
+
+    def _keep_excerpt(self, chunk: bytes) -> None:
+        kept = sum(map(len, self._parts))
+        if kept < EXCERPT_KEEP:
+            self._parts.append(chunk[:EXCERPT_KEEP - kept])
 
     def _finish_message(self) -> Frame:
         payload = b"".join(self._parts)

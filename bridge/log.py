@@ -86,10 +86,12 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # The libraries narrate every connection step at INFO; the bridge logs its own
-    # view of those steps, so theirs only shows up for warnings or on LOG_LEVEL=debug.
+    # The libraries narrate every connection step, with tracebacks on failure; the
+    # bridge logs its own one-line view of those steps, so theirs only shows up on
+    # LOG_LEVEL=debug.
+    # Their failures also reach the bridge as exceptions, which it logs in one line.
     for noisy in ("pika", "websocket"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
     structlog.configure(
         processors=shared + [structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

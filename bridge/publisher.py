@@ -27,10 +27,11 @@ from urllib.parse import urlsplit
 import pika
 from pika.adapters.select_connection import IOLoop
 from pika import exceptions as pe
+from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed
 
 from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
-from bridge.errors import BrokerRefused, TLSVerificationError
+from bridge.errors import BridgeError, BrokerRefused, TLSVerificationError
 from bridge.spool import Spool
 
 READ_BATCH = 512
@@ -55,6 +56,31 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
+class _CorkedConnection(pika.SelectConnection):
+    """A SelectConnection that can hold its output and write it in one piece.
+
+    pika hands every AMQP frame to the socket separately: three `send()` calls per
+    event (method, header, body), each of which releases the GIL and lets the stream
+    thread in. Corked, a whole batch of publishes leaves in one write.
+    """
+
+    _corked: list[bytes] | None = None
+
+    def cork(self) -> None:
+        self._corked = []
+
+    def uncork(self) -> None:
+        held, self._corked = self._corked, None
+        if held:
+            super()._adapter_emit_data(b"".join(held))
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            super()._adapter_emit_data(data)
+
+
 class Publisher:
     """Drains the spool into the broker; reconnects forever unless refused outright."""
 
@@ -75,7 +101,7 @@ class Publisher:
 
         self.state = State.CLOSED
         self.blocked = False
-        self._connection: pika.SelectConnection | None = None
+        self._connection: _CorkedConnection | None = None
         self._channel = None
         self._ever_opened = False
         self._wakeup_pending = False
@@ -116,7 +142,11 @@ class Publisher:
 
     def _run(self) -> None:
         self._ioloop.add_callback_threadsafe(self._connect)
-        self._ioloop.start()
+        try:
+            self._ioloop.start()
+        except Exception as exc:  # noqa: BLE001 - a bug must stop the bridge, not hang it
+            self._log.exception("publisher.crashed")
+            self._on_fatal(BridgeError(f"the publisher failed: {type(exc).__name__}: {exc}"))
 
     def _connect(self) -> None:
         if self.state is State.STOPPED:
@@ -130,12 +160,14 @@ class Publisher:
         params.connection_attempts = 1
         self.state = State.CONNECTING
         self._log.info("broker.connecting", url=self._redacted(url))
-        self._connection = pika.SelectConnection(
+        self._connection = _CorkedConnection(
             params, on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed, custom_ioloop=self._ioloop)
 
     def _on_connection_open(self, connection) -> None:
+        if self.state is State.STOPPED:      # stopped while the handshake was under way
+            return connection.close()
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self.state = State.DECLARING
@@ -144,11 +176,14 @@ class Publisher:
     def _on_connection_open_error(self, _connection, error: Exception) -> None:
         if self.state is State.STOPPED:
             return self._ioloop.stop()
+        self.state = State.CLOSED
         reason = _describe(error)
-        if _is_tls_verification_failure(error):
+        if _is_tls_failure(error) and not self._ever_opened:
+            hint = ("check AMQP_CA_FILE" if self._amqp.ca_file
+                    else "set AMQP_CA_FILE to trust a private CA")
             return self._fatal(TLSVerificationError(
-                f"TLS certificate verification failed for the broker ({reason}); "
-                f"set AMQP_CA_FILE to trust a private CA"))
+                f"TLS with the broker failed ({reason}); {hint}, and AMQP_CERT_FILE if the "
+                f"broker requires a client certificate"))
         if _is_refusal(error) and not self._ever_opened:
             return self._fatal(BrokerRefused(f"the broker refused the connection: {reason}"))
         self._log.warning("broker.connect_failed", reason=reason)
@@ -248,6 +283,7 @@ class Publisher:
             batch = spool.read(self._cursor, min(room, READ_BATCH))
             if not batch:
                 break
+            self._connection.cork()
             for seq, ev in batch:
                 headers = ev.headers
                 if seq <= self._published_max:
@@ -262,6 +298,7 @@ class Publisher:
                     channel.basic_publish(exchange, ev.routing_key, ev.body, properties)
                 self._unconfirmed[self._next_tag] = seq
                 self._next_tag += 1
+            self._connection.uncork()
             self._cursor = batch[-1][0] + 1
             self._published_max = max(self._published_max, self._cursor - 1)
             published += len(batch)
@@ -317,6 +354,8 @@ class Publisher:
         if self.state is State.STOPPED:
             return
         previous, self.state = self.state, State.STOPPED
+        if previous is State.CONNECTING:
+            return  # pika cannot abort a handshake; its open or open-error callback will
         if self._connection is not None and previous is not State.CLOSED \
                 and not self._connection.is_closed and not self._connection.is_closing:
             self._connection.close()   # _on_connection_closed stops the loop
@@ -363,14 +402,29 @@ def _is_refusal(error: Exception) -> bool:
     return False
 
 
-def _is_tls_verification_failure(error: Exception) -> bool:
-    return any(isinstance(c, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(c)
-               for c in _causes(error))
+def _is_tls_failure(error: Exception) -> bool:
+    """A certificate problem on either side: configuration, not a passing fault."""
+    for cause in _causes(error):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        if isinstance(cause, ssl.SSLError) and not isinstance(
+                cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError)):
+            return True
+        if "CERTIFICATE_VERIFY_FAILED" in str(cause):
+            return True
+    return False
 
 
 def _describe(error: BaseException) -> str:
+    """One line for the deepest cause that says something (pika's wrappers don't)."""
+    best = f"{type(error).__name__}: {error}"
     for cause in _causes(error):
         text = getattr(cause, "reply_text", None)
         if text:
             return f"{getattr(cause, 'reply_code', '')} {text}".strip()
-    return f"{type(error).__name__}: {error}"
+        if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+            return f"certificate verify failed: {cause.verify_message}"
+        message = str(cause).strip()
+        if message and not isinstance(cause, AMQPConnectionWorkflowFailed):
+            best = f"{type(cause).__name__}: {message}"
+    return best.replace("\n", " ")

@@ -64,6 +64,7 @@ class StreamReader:
         self._backoff = Backoff(base=0.5, cap=config.reconnect_max)
         self._stopping = threading.Event()
         self._ws: websocket.WebSocket | None = None
+        self._context: ssl.SSLContext | None = None
         self.state = State.CLOSED
 
     # --- control, from any thread ----------------------------------------------------
@@ -113,17 +114,18 @@ class StreamReader:
 
     def _connect(self) -> None:
         self._log.info("stream.connecting")
-        context = ssl.create_default_context(
-            cafile=str(self._config.ca_file) if self._config.ca_file else None)
         try:
             self._ws = websocket.create_connection(
                 self._config.url, timeout=CONNECT_TIMEOUT, header=list(self._config.headers),
-                sslopt={"context": context}, skip_utf8_validation=True,
+                sslopt={"context": self._tls_context()}, skip_utf8_validation=True,
                 enable_multithread=True)
         except ssl.SSLCertVerificationError as exc:
+            hint = ("check that TUTUM_CA_FILE signed the server's certificate and that it "
+                    "names this host" if self._config.ca_file
+                    else "set TUTUM_CA_FILE to trust a private CA")
             raise TLSVerificationError(
                 f"TLS certificate verification failed for the stream "
-                f"({exc.verify_message}); set TUTUM_CA_FILE to trust a private CA") from None
+                f"({exc.verify_message}); {hint}") from None
         except websocket.WebSocketBadStatusException as exc:
             if exc.status_code in (401, 403):
                 self._unauthorized(f"HTTP {exc.status_code}")
@@ -131,6 +133,15 @@ class StreamReader:
         except (OSError, websocket.WebSocketException) as exc:
             raise ConnectionLost(f"{type(exc).__name__}: {exc}") from None
         self._reader = frames.FrameReader(self._ws.sock, self._config.max_frame_bytes)
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """A verifying context for wss:// (made once: loading CAs takes most of a second)."""
+        if not self._config.url.startswith("wss:"):
+            return None
+        if self._context is None:
+            ca = self._config.ca_file
+            self._context = ssl.create_default_context(cafile=str(ca) if ca else None)
+        return self._context
 
     def _authenticate(self) -> None:
         """Wait for the `auth` frame; an UNAUTHORIZED error frame is fatal."""
