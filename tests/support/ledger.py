@@ -110,9 +110,10 @@ class Collector:
         self._last_arrival = time.monotonic()
         self._unacked = method.delivery_tag
 
-    def has_all(self, upto: int) -> bool:
-        """Every sim_seq 1..upto has arrived at least once."""
-        return len(self._seqs) >= upto and all(n in self._seqs for n in range(1, upto + 1))
+    def has_all(self, upto: int, allow_missing: frozenset[int] = frozenset()) -> bool:
+        """Every sim_seq 1..upto, except those allowed to be missing, has arrived."""
+        return (len(self._seqs) >= upto - len(allow_missing)
+                and all(n in self._seqs or n in allow_missing for n in range(1, upto + 1)))
 
     def quiet_for(self) -> float:
         return time.monotonic() - self._last_arrival
@@ -121,12 +122,14 @@ class Collector:
         """Bodies of the bridge's own `bridge.<action>` events, in order."""
         return [m.json() for m in list(self.messages) if m.routing_key == f"bridge.{action}"]
 
-    def wait(self, upto: int, timeout: float, settle: float = 0.5) -> bool:
-        """Wait until 1..upto all arrived and nothing more came for `settle` seconds
-        (trailing duplicates, lifecycle events). False on timeout: the ledger says why."""
+    def wait(self, upto: int, timeout: float, settle: float = 0.5,
+             allow_missing: frozenset[int] = frozenset()) -> bool:
+        """Wait until 1..upto all arrived (but `allow_missing`) and nothing more came
+        for `settle` seconds (trailing duplicates, lifecycle events). False on
+        timeout: the ledger says why."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.has_all(upto) and self.quiet_for() >= settle:
+            if self.has_all(upto, allow_missing) and self.quiet_for() >= settle:
                 return True
             time.sleep(0.05)
         return False
