@@ -75,14 +75,22 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
-def _parse_int(digits: str) -> object:
-    # Python refuses to turn more than 4,300 digits into an int (a guard against
-    # quadratic conversion); such a number is still valid JSON, so keep it exact.
-    return int(digits) if len(digits) <= 4000 else Decimal(digits)
-
-
 _decoder = json.JSONDecoder(object_pairs_hook=_object_without_duplicates,
-                            parse_constant=_reject_constant, parse_int=_parse_int)
+                            parse_constant=_reject_constant)
+# Python refuses to turn more than 4,300 digits into an int (a guard against
+# quadratic conversion); such a number is still valid JSON. This slower decoder, which
+# keeps big numbers as exact decimals, is only tried when the fast one hit that limit.
+_big_number_decoder = json.JSONDecoder(object_pairs_hook=_object_without_duplicates,
+                                       parse_constant=_reject_constant, parse_int=Decimal)
+
+
+def _decode(text: str) -> object:
+    try:
+        return _decoder.decode(text)
+    except ValueError as exc:
+        if "digits" not in str(exc) or isinstance(exc, _Duplicate):
+            raise
+    return _big_number_decoder.decode(text)
 
 
 def quarantine(body: bytes, received_at: float, reason: str, detail: str,
@@ -110,7 +118,7 @@ def classify(body: bytes, received_at: float, *, binary: bool = False) -> Event 
     except UnicodeDecodeError as exc:
         return quarantine(body, received_at, Reason.INVALID_UTF8, str(exc))
     try:
-        obj = _decoder.decode(text)
+        obj = _decode(text)
     except _Duplicate:
         return quarantine(body, received_at, Reason.DUPLICATE_KEYS, "an object repeats a key")
     except RecursionError:
@@ -130,6 +138,12 @@ def classify(body: bytes, received_at: float, *, binary: bool = False) -> Event 
         return None
     key, type_word, action_word = routing_key(kind, obj.get("action"))
     return Event(key, body, received_at, event_headers(obj, type_word, action_word))
+
+
+def derive_headers(body: bytes) -> dict[str, object]:
+    """The headers of a routable event, from its body alone (for the spool's backlog)."""
+    event = classify(body, 0.0)
+    return event.headers if event is not None else {}
 
 
 def header_value(text: str) -> str:

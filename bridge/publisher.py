@@ -35,6 +35,7 @@ from bridge.errors import BridgeError, BrokerRefused, TLSVerificationError
 from bridge.spool import Spool
 
 READ_BATCH = 512
+CONFIRM_FLUSH_DELAY = 0.01     # seconds: confirms are removed from disk in batches
 APP_ID = "tutum-bridge"
 
 
@@ -109,6 +110,8 @@ class Publisher:
         # Publishing position. Everything up to the spool's `confirmed` is confirmed;
         # `_cursor` is the next sequence to publish; `_published_max` the highest ever
         # published, so anything at or below it is a republish.
+        self._confirmed = spool.confirmed          # ahead of the disk by at most a flush
+        self._confirm_flush_pending = False
         self._cursor = spool.confirmed + 1
         self._published_max = spool.last_seq if spool.recovered else spool.confirmed
         self._next_tag = 1
@@ -235,10 +238,10 @@ class Publisher:
         self._ever_opened = True
         self._backoff.reset()
         self._next_tag = 1
-        self._cursor = self._spool.confirmed + 1
+        self._cursor = self._confirmed + 1
         self._metrics.broker_connected.set(1)
         self._log.info("broker.ready", exchange=self._topology.exchange,
-                       republishing=max(0, self._published_max - self._spool.confirmed))
+                       republishing=max(0, self._published_max - self._confirmed))
         self._pump()
 
     def _on_channel_closed(self, _channel, reason: Exception) -> None:
@@ -325,17 +328,25 @@ class Publisher:
             upto = self._unconfirmed[next(iter(self._unconfirmed))] - 1
         else:
             upto = self._cursor - 1
-        if upto > self._spool.confirmed:
-            confirmed = upto - self._spool.confirmed
-            self._spool.confirm(upto)
-            self._metrics.confirmed.inc(confirmed)
+        if upto > self._confirmed:
+            self._metrics.confirmed.inc(upto - self._confirmed)
+            self._confirmed = upto
+            if not self._confirm_flush_pending:
+                self._confirm_flush_pending = True
+                self._ioloop.call_later(CONFIRM_FLUSH_DELAY, self._flush_confirms)
         self._metrics.inflight.set(len(self._unconfirmed))
         self._pump()
+
+    def _flush_confirms(self) -> None:
+        """Forget confirmed events on disk; one transaction for many confirms."""
+        self._confirm_flush_pending = False
+        self._spool.confirm(self._confirmed)
+        self._maybe_finish_drain()
 
     def _forget_unconfirmed(self) -> None:
         """The channel is gone: its delivery tags mean nothing any more."""
         self._unconfirmed.clear()
-        self._cursor = self._spool.confirmed + 1
+        self._cursor = self._confirmed + 1
         self._metrics.inflight.set(0)
 
     # --- stopping --------------------------------------------------------------------
@@ -347,13 +358,14 @@ class Publisher:
 
     def _maybe_finish_drain(self) -> None:
         if (self._draining_until is not None and not self._unconfirmed
-                and self._spool.confirmed >= self._spool.last_seq):
+                and self._confirmed >= self._spool.last_seq):
             self._stop()
 
     def _stop(self) -> None:
         if self.state is State.STOPPED:
             return
         previous, self.state = self.state, State.STOPPED
+        self._spool.confirm(self._confirmed)
         if previous is State.CONNECTING:
             return  # pika cannot abort a handshake; its open or open-error callback will
         if self._connection is not None and previous is not State.CLOSED \

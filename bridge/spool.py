@@ -13,6 +13,8 @@ SQLite database in WAL mode (standard library, crash-safe, fast appends in batch
 - The last `window` events also stay in memory, so the publisher reads new events
   without touching the disk; older ones (a backlog after an outage) are read back in
   order from the database. Memory is bounded by the window, whatever the backlog.
+  An event's headers are derived from its body again when it is read back, so only
+  the body is stored (and, for a quarantined frame, the headers saying why).
 - Its size is bounded: `has_room()` is false once `max_bytes` of events wait, and
   the reader stops reading the websocket until the publisher makes room.
 
@@ -29,7 +31,7 @@ import uuid
 from collections import deque
 from pathlib import Path
 
-from bridge.event import Event
+from bridge.event import Event, derive_headers
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -38,7 +40,7 @@ CREATE TABLE IF NOT EXISTS events (
     received_at REAL NOT NULL,
     quarantined INTEGER NOT NULL,
     routing_key TEXT NOT NULL,
-    headers TEXT NOT NULL,
+    headers TEXT,
     body BLOB NOT NULL,
     size INTEGER NOT NULL
 );
@@ -60,6 +62,10 @@ class Spool:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+        # Checkpoints copy the WAL into the database and fsync it: slow, and on the hot
+        # path they would stall a commit now and then by tens of milliseconds. They run
+        # on a thread of their own instead (see `_checkpoint_forever`).
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA)
         self.id = self._spool_id()
         first, last, count, size = self._db.execute(
@@ -71,6 +77,9 @@ class Spool:
         self.recovered = count          # events left by a previous run, to publish first
         self._recent: deque[tuple[int, Event]] = deque()
         self._closed = False
+        self._checkpointer = threading.Thread(target=self._checkpoint_forever,
+                                              name="spool-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     # --- writing (the stream side) ---------------------------------------------------
 
@@ -81,8 +90,10 @@ class Spool:
             rows = []
             added = 0
             for offset, ev in enumerate(events):
-                headers = json.dumps(ev.headers, separators=(",", ":"))
-                size = len(ev.body) + len(headers) + ROW_OVERHEAD
+                # An event's headers are a function of its body, so only a quarantined
+                # frame's (which describe what was wrong with it) are worth storing.
+                headers = json.dumps(ev.headers) if ev.quarantined else None
+                size = len(ev.body) + len(headers or "") + ROW_OVERHEAD
                 added += size
                 rows.append((first + offset, ev.received_at, ev.quarantined,
                              ev.routing_key, headers, ev.body, size))
@@ -118,13 +129,13 @@ class Spool:
             rows = self._db.execute(
                 "SELECT seq, received_at, quarantined, routing_key, headers, body FROM events "
                 "WHERE seq >= ? ORDER BY seq LIMIT ?", (from_seq, limit)).fetchall()
-        return [(seq, Event(key, body, at, json.loads(headers), bool(q)))
+        return [(seq, Event(key, body, at, json.loads(headers) if q else derive_headers(body), bool(q)))
                 for seq, at, q, key, headers, body in rows]
 
     def confirm(self, upto_seq: int) -> None:
         """The broker confirmed every event up to `upto_seq`: forget them."""
         with self._lock:
-            if upto_seq <= self._confirmed:
+            if upto_seq <= self._confirmed or self._closed:
                 return
             self._db.execute("BEGIN")
             freed, count = self._db.execute(
@@ -171,10 +182,25 @@ class Spool:
             # order never repeat across restarts.
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
                              (str(self._next_seq),))
+        self._checkpointer.join(timeout=5)
+        with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
 
     # --- internals -------------------------------------------------------------------
+
+    def _checkpoint_forever(self, every: float = 1.0) -> None:
+        """Keep the WAL short without blocking appends (a PASSIVE checkpoint never waits)."""
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            while not self._closed:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                with self._room:
+                    self._room.wait_for(lambda: self._closed, every)
+        except sqlite3.Error:
+            pass  # the spool is closing; close() checkpoints what is left
+        finally:
+            db.close()
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
