@@ -57,6 +57,7 @@ def test_stream_dropped_ten_times_loses_nothing(rig):
         assert gap["seconds"] == pytest.approx(gap["reconnected_at"] - gap["lost_at"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_broker_closes_the_connection_three_times(rig):
     """`rabbitmqctl close_connection` on the bridge's connection, thrice, mid-stream:
     the unconfirmed window is republished (flagged), nothing lost, order kept."""
@@ -98,6 +99,24 @@ def test_broker_unreachable_for_30_seconds(rig):
     ledger = rig.settle(sim, 12000, timeout=90, read_during_outage=read_during_outage)
     assert_guarantee(ledger)
     assert read_during_outage > 5000, "the stream must keep flowing while the broker is away"
+
+
+@pytest.mark.slow
+def test_broker_killed_and_restarted_on_the_same_data(rig):
+    """The broker crashes (SIGKILL) mid-stream and comes back on its data: what it
+    confirmed was on disk, what it had not confirmed is republished; the stream
+    goes on into the spool meanwhile."""
+    sim = rig.simulator("--rate", "400", "--count", "8000")
+    proc = rig.bridge(sim)
+    rig.wait_delivered(1000)
+
+    rig.node.kill()
+    rig.wait_log(proc, "broker.lost", 15)
+    rig.wait_sent(sim, rig.sent(sim) + 800)
+    rig.node.start()
+
+    ledger = rig.settle(sim, 8000, broker_restart_seconds=round(rig.node.startup_seconds, 1))
+    assert_guarantee(ledger)
 
 
 @pytest.mark.slow
@@ -174,12 +193,12 @@ def test_memory_alarm_blocks_then_everything_flows(rig):
     proc = rig.bridge(sim)
     rig.wait_delivered(800)
 
-    rig.node.ctl("set_vm_memory_high_watermark", "0")
+    rig.node.memory_alarm(True)
     rig.wait_log(proc, "broker.blocked", 20)
     blocked_at = rig.sent(sim)
     rig.wait_sent(sim, blocked_at + 1200)
     held_back = rig.sent(sim) - len(rig.collector.messages)
-    rig.node.ctl("set_vm_memory_high_watermark", "0.4")
+    rig.node.memory_alarm(False)
     rig.wait_log(proc, "broker.unblocked", 20)
 
     ledger = rig.settle(sim, 6000, held_back_while_blocked=held_back)

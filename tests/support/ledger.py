@@ -60,6 +60,7 @@ class Collector:
         self.messages: list[Message] = []
         self.errors: list[str] = []
         self._seqs: set[int] = set()
+        self._ids: set[str | None] = set()
         self._stop = threading.Event()
         self._last_arrival = time.monotonic()
         self._unacked = 0
@@ -103,6 +104,12 @@ class Collector:
                 self._stop.wait(0.5)
 
     def _on_message(self, ch, method, props, body) -> None:
+        if method.redelivered and props.message_id in self._ids:
+            # The broker lost our ack (it crashed or we reconnected): a copy of the
+            # consumer's making, not of the bridge's.
+            self._unacked = method.delivery_tag
+            return
+        self._ids.add(props.message_id)
         msg = _message(method.routing_key, props, body)
         self.messages.append(msg)
         if msg.seq is not None:

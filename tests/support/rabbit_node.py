@@ -68,6 +68,7 @@ class RabbitNode:
             shutil.chown(path, "rabbitmq", "rabbitmq")
         self.popen: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+        self.alarmed = False
         _LIVE.add(self)
 
     @property
@@ -139,6 +140,11 @@ class RabbitNode:
             raise AssertionError(f"rabbitmqctl {' '.join(args)} -> {result.returncode}: "
                                  f"{result.stderr.strip() or result.stdout.strip()}")
         return result.stdout
+
+    def memory_alarm(self, on: bool) -> None:
+        """Raise a memory alarm (watermark 0: every publisher is blocked) or clear it."""
+        self.ctl("set_vm_memory_high_watermark", "0" if on else "0.4")
+        self.alarmed = on
 
     def stop(self, timeout: float = 60.0) -> None:
         """A clean shutdown (data kept for `start`); falls back to `kill`."""
@@ -218,4 +224,5 @@ def healthy_node(extra_node):
 def _heal(node: RabbitNode) -> None:
     if not node.running:
         node.start()
-    node.ctl("set_vm_memory_high_watermark", "0.4")
+    if node.alarmed:
+        node.memory_alarm(False)
