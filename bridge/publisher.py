@@ -422,7 +422,9 @@ def _is_tls_failure(error: Exception) -> bool:
         if isinstance(cause, ssl.SSLError) and not isinstance(
                 cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError)):
             return True
-        if "CERTIFICATE_VERIFY_FAILED" in str(cause):
+        # pika sometimes keeps only the text of the SSL error it wrapped.
+        text = str(cause)
+        if "CERTIFICATE_VERIFY_FAILED" in text or ("[SSL: " in text and "EOF" not in text):
             return True
     return False
 
