@@ -136,6 +136,7 @@ def test_broker_endpoint_that_accepts_then_resets(rig):
     attempts_before = len(rig.log_events(proc, "broker.connecting"))
     deadline = time.monotonic() + 60
     while proxy.stats.refused < 200:
+        rig.check_bridge()
         assert time.monotonic() < deadline, (
             f"the bridge stopped reconnecting after {proxy.stats.refused} attempts:\n"
             + proc.stderr[proc.stderr.find("Exception in thread"):][:1500])

@@ -69,7 +69,7 @@ class Rig:
         self.bridges.append(proc)
         return proc
 
-    def _check_bridge(self) -> None:
+    def check_bridge(self) -> None:
         """The latest bridge must be running; fail now with its log, not at a deadline."""
         if self.bridges and (code := self.bridges[-1].popen.poll()) is not None:
             raise AssertionError(f"bridge exited {code}:\n{self.bridges[-1].stderr[-3000:]}")
@@ -85,13 +85,13 @@ class Rig:
 
     def wait_sent(self, sim: procs.Proc, at_least: int, timeout: float = 30) -> int:
         def sent():
-            self._check_bridge()
+            self.check_bridge()
             return (n := self.sent(sim)) >= at_least and n
         return wait_for(sent, timeout, 0.1, what=f"simulator to send {at_least} events")
 
     def wait_delivered(self, at_least: int, timeout: float = 30) -> None:
         def delivered():
-            self._check_bridge()
+            self.check_bridge()
             return self.collector.has_all(at_least)
         wait_for(delivered, timeout, 0.1, what=f"sim_seq 1..{at_least} in the queue")
 
