@@ -29,6 +29,7 @@ from pika.adapters.select_connection import IOLoop
 from pika import exceptions as pe
 from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed
 
+from bridge.amqp_encode import APP_ID, encode_publish
 from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
 from bridge.errors import BridgeError, BrokerRefused, TLSVerificationError
@@ -36,7 +37,6 @@ from bridge.spool import Spool
 
 READ_BATCH = 512
 CONFIRM_FLUSH_DELAY = 0.01     # seconds: confirms are removed from disk in batches
-APP_ID = "tutum-bridge"
 
 
 @dataclass(frozen=True)
@@ -55,31 +55,6 @@ class State(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
     STOPPED = "stopped"
-
-
-class _CorkedConnection(pika.SelectConnection):
-    """A SelectConnection that can hold its output and write it in one piece.
-
-    pika hands every AMQP frame to the socket separately: three `send()` calls per
-    event (method, header, body), each of which releases the GIL and lets the stream
-    thread in. Corked, a whole batch of publishes leaves in one write.
-    """
-
-    _corked: list[bytes] | None = None
-
-    def cork(self) -> None:
-        self._corked = []
-
-    def uncork(self) -> None:
-        held, self._corked = self._corked, None
-        if held:
-            super()._adapter_emit_data(b"".join(held))
-
-    def _adapter_emit_data(self, data: bytes) -> None:
-        if self._corked is not None:
-            self._corked.append(data)
-        else:
-            super()._adapter_emit_data(data)
 
 
 class Publisher:
@@ -102,7 +77,7 @@ class Publisher:
 
         self.state = State.CLOSED
         self.blocked = False
-        self._connection: _CorkedConnection | None = None
+        self._connection: pika.SelectConnection | None = None
         self._channel = None
         self._ever_opened = False
         self._wakeup_pending = False
@@ -145,11 +120,25 @@ class Publisher:
 
     def _run(self) -> None:
         self._ioloop.add_callback_threadsafe(self._connect)
-        try:
-            self._ioloop.start()
-        except Exception as exc:  # noqa: BLE001 - a bug must stop the bridge, not hang it
-            self._log.exception("publisher.crashed")
-            self._on_fatal(BridgeError(f"the publisher failed: {type(exc).__name__}: {exc}"))
+        while True:
+            try:
+                self._ioloop.start()
+                return
+            except (ValueError, OSError) as exc:
+                if self.state is not State.CONNECTING:
+                    return self._crashed(exc)
+                # pika raises out of the IOLoop when a socket is reset between connect
+                # and its first use (as a proxy in front of a dead broker does): for us
+                # that is one failed attempt like any other.
+                self._log.warning("broker.connect_failed", reason=f"{type(exc).__name__}: {exc}")
+                self._connection = None
+                self._closed_then_retry()
+            except Exception as exc:  # noqa: BLE001 - a bug must stop the bridge, not hang it
+                return self._crashed(exc)
+
+    def _crashed(self, exc: Exception) -> None:
+        self._log.exception("publisher.crashed")
+        self._on_fatal(BridgeError(f"the publisher failed: {type(exc).__name__}: {exc}"))
 
     def _connect(self) -> None:
         if self.state is State.STOPPED:
@@ -163,12 +152,14 @@ class Publisher:
         params.connection_attempts = 1
         self.state = State.CONNECTING
         self._log.info("broker.connecting", url=self._redacted(url))
-        self._connection = _CorkedConnection(
+        self._connection = pika.SelectConnection(
             params, on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed, custom_ioloop=self._ioloop)
 
     def _on_connection_open(self, connection) -> None:
+        if connection is not self._connection:   # an attempt abandoned after a pika error
+            return connection.close()
         if self.state is State.STOPPED:      # stopped while the handshake was under way
             return connection.close()
         connection.add_on_connection_blocked_callback(self._on_blocked)
@@ -176,7 +167,9 @@ class Publisher:
         self.state = State.DECLARING
         connection.channel(on_open_callback=self._on_channel_open)
 
-    def _on_connection_open_error(self, _connection, error: Exception) -> None:
+    def _on_connection_open_error(self, connection, error: Exception) -> None:
+        if connection is not self._connection:
+            return
         if self.state is State.STOPPED:
             return self._ioloop.stop()
         self.state = State.CLOSED
@@ -192,7 +185,9 @@ class Publisher:
         self._log.warning("broker.connect_failed", reason=reason)
         self._closed_then_retry()
 
-    def _on_connection_closed(self, _connection, reason: Exception) -> None:
+    def _on_connection_closed(self, connection, reason: Exception) -> None:
+        if connection is not self._connection:
+            return
         self._channel = None
         if self.state is State.STOPPED:
             self._ioloop.stop()
@@ -272,12 +267,18 @@ class Publisher:
     # --- publishing ------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Publish from the spool until the in-flight window is full or the spool empty."""
+        """Publish from the spool until the in-flight window is full or the spool empty.
+
+        Each batch is encoded by `encode_publish` and handed to the connection as one
+        write: pika would marshal every frame through several layers and write the
+        three frames of each publish separately, each write letting the stream thread in.
+        """
         self._wakeup_pending = False
-        if self.state is not State.OPEN or self.blocked:
+        if self.state is not State.OPEN or self.blocked or not self._channel.is_open:
             return
         exchange, quarantine = self._topology.exchange, self._topology.quarantine
-        spool, channel = self._spool, self._channel
+        spool, connection = self._spool, self._connection
+        channel_number, frame_max = self._channel.channel_number, connection.params.frame_max
         published = 0
         while True:
             room = self._inflight - len(self._unconfirmed)
@@ -286,22 +287,19 @@ class Publisher:
             batch = spool.read(self._cursor, min(room, READ_BATCH))
             if not batch:
                 break
-            self._connection.cork()
+            wire = []
             for seq, ev in batch:
                 headers = ev.headers
                 if seq <= self._published_max:
                     headers = {**headers, "x-republished": True}
-                properties = pika.BasicProperties(
-                    content_type="application/json", delivery_mode=2,
+                wire.append(encode_publish(
+                    channel_number, "" if ev.quarantined else exchange,
+                    quarantine if ev.quarantined else ev.routing_key, ev.body,
                     message_id=spool.message_id(seq), timestamp=int(ev.received_at),
-                    app_id=APP_ID, headers=headers)
-                if ev.quarantined:
-                    channel.basic_publish("", quarantine, ev.body, properties)
-                else:
-                    channel.basic_publish(exchange, ev.routing_key, ev.body, properties)
+                    headers=headers, frame_max=frame_max))
                 self._unconfirmed[self._next_tag] = seq
                 self._next_tag += 1
-            self._connection.uncork()
+            connection._output_marshaled_frames([b"".join(wire)])
             self._cursor = batch[-1][0] + 1
             self._published_max = max(self._published_max, self._cursor - 1)
             published += len(batch)

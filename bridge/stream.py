@@ -30,6 +30,7 @@ from bridge.errors import TLSVerificationError, UpstreamUnauthorized
 
 CONNECT_TIMEOUT = 10.0
 AUTH_TIMEOUT = 15.0
+CLOSE_TIMEOUT = 2.0      # on stop, how long to read on while the close handshake runs
 
 
 class StreamSink(Protocol):
@@ -65,14 +66,28 @@ class StreamReader:
         self._stopping = threading.Event()
         self._ws: websocket.WebSocket | None = None
         self._context: ssl.SSLContext | None = None
+        self._close_deadline: float | None = None
         self.state = State.CLOSED
 
     # --- control, from any thread ----------------------------------------------------
 
     def stop(self) -> None:
-        """Stop reading now; `run` returns after handing what it read to the sink."""
-        self._stopping.set()
+        """Stop reading; `run` returns after handing what it read to the sink.
+
+        While streaming, this starts the websocket close handshake and the reader goes
+        on until the server's Close (or `CLOSE_TIMEOUT`): frames the server sent before
+        it saw our Close are on the wire, and the stream cannot send them again.
+        """
         ws = self._ws
+        if self.state is State.STREAMING and ws is not None:
+            self._close_deadline = time.monotonic() + CLOSE_TIMEOUT
+            self._stopping.set()
+            try:
+                ws.send_close(reason=b"bridge stopping")
+                return
+            except (OSError, websocket.WebSocketException):
+                pass
+        self._stopping.set()
         if ws is not None and ws.sock is not None:
             try:
                 ws.sock.shutdown(socket.SHUT_RDWR)
@@ -100,16 +115,18 @@ class StreamReader:
         finally:
             self._close()
             self.state = State.CLOSED
+            self._sink.flush()
 
     def _on_lost(self, reason: str) -> None:
         was_streaming = self.state is State.STREAMING
         self._close()
-        if self._stopping.is_set():
-            return
         if was_streaming:
-            self._log.warning("stream.lost", reason=reason)
+            if self._stopping.is_set():
+                reason = "the bridge is stopping"
+            else:
+                self._log.warning("stream.lost", reason=reason)
             self._sink.lost(time.time(), reason)
-        else:
+        elif not self._stopping.is_set():
             self._log.warning("stream.connect_failed", reason=reason)
 
     def _connect(self) -> None:
@@ -177,7 +194,9 @@ class StreamReader:
         interval, timeout = self._config.ping_interval, self._config.ping_timeout
         last_heard = time.monotonic()
         ping_sent: float | None = None
-        while not self._stopping.is_set():
+        while True:
+            if self._stopping.is_set() and self._closing_done():
+                break
             if not self._reader.buffered():
                 started = time.monotonic()
                 self._sink.flush()
@@ -188,15 +207,26 @@ class StreamReader:
             now = time.monotonic()
             wait = (interval - (now - last_heard)) if ping_sent is None \
                 else (timeout - (now - ping_sent))
+            if self._close_deadline is not None:
+                wait = min(wait, self._close_deadline - now)
             frame = self._read(wait)
             if frame is None:
+                if self._stopping.is_set():
+                    continue
                 if ping_sent is not None:
                     raise ConnectionLost(f"no pong within {timeout}s")
                 self._send(lambda ws: ws.ping())
                 ping_sent = time.monotonic()
                 continue
             last_heard, ping_sent = time.monotonic(), None
+            if frame.opcode == frames.CLOSE and self._stopping.is_set():
+                break                     # the server answered our Close: nothing follows
             self._deliver(frame, time.time())
+        self._sink.flush()
+        self._sink.lost(time.time(), "the bridge is stopping")
+
+    def _closing_done(self) -> bool:
+        return self._close_deadline is None or time.monotonic() >= self._close_deadline
 
     def _deliver(self, frame: frames.Frame, at: float) -> None:
         if frame.opcode in (frames.TEXT, frames.BINARY):
