@@ -7,6 +7,9 @@
 //     npm install amqplib
 //     AMQP_URL=amqp://guest:guest@localhost:5672 node examples/worker.js
 //
+// It prints one line per event on stdout: routing key, state, resource URI. Other
+// settings: BRIDGE_EXCHANGE and BRIDGE_UNROUTED as given to the bridge, WORKER_QUEUE.
+//
 // Its queue, `example.containers-js`, is durable: events wait there while the worker
 // is down. Delete it when you are done: `rabbitmqctl delete_queue example.containers-js`.
 
@@ -61,6 +64,8 @@ async function main() {
   };
   process.once('SIGINT', stop);
   process.once('SIGTERM', stop);
+  // On stderr, so stdout stays one line per event; from here on nothing is missed.
+  console.error(`worker: consuming ${QUEUE} (container.* on ${EXCHANGE})`);
 }
 
 main().catch((err) => {
