@@ -36,7 +36,7 @@ from bridge.errors import BridgeError, BrokerRefused, TLSVerificationError
 from bridge.spool import Spool
 
 READ_BATCH = 512
-CONFIRM_FLUSH_DELAY = 0.01     # seconds: confirms are removed from disk in batches
+CONFIRM_FLUSH_DELAY = 0.1     # seconds: confirms are removed from disk in batches
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,11 @@ class Publisher:
         self._ever_opened = False
         self._wakeup_pending = False
         self._draining_until: float | None = None
-        # Publishing position. Everything up to the spool's `confirmed` is confirmed;
-        # `_cursor` is the next sequence to publish; `_published_max` the highest ever
-        # published, so anything at or below it is a republish.
-        self._confirmed = spool.confirmed          # ahead of the disk by at most a flush
+        # Publishing position. Every event up to `_confirmed` is confirmed (the spool
+        # forgets them a flush later); `_cursor` is the next sequence to publish;
+        # `_published_max` the highest ever published, so anything at or below it is a
+        # republish. After a restart everything recovered from the spool counts as one.
+        self._confirmed = spool.confirmed
         self._confirm_flush_pending = False
         self._cursor = spool.confirmed + 1
         self._published_max = spool.last_seq if spool.recovered else spool.confirmed
