@@ -60,7 +60,8 @@ class SpoolingSink:
         self._stream_url = stream_url
         self._batch: list[Event] = []
         self._quarantined = 0
-        self._lost_at: float | None = None
+        # A restart is a gap too: from the last frame the previous run received.
+        self._lost_at: float | None = spool.previous_run_received_at
         self._connections = 0
         self.stopping = threading.Event()
         self.spooled_total = 0

@@ -75,6 +75,9 @@ class Spool:
         self._confirmed = (first - 1) if first is not None else self._next_seq - 1
         self._count, self._bytes = count, size
         self.recovered = count          # events left by a previous run, to publish first
+        stored_at = self._meta("last_received_at")
+        # When a previous run last received anything (None for a new spool).
+        self.previous_run_received_at = float(stored_at) if stored_at else None
         self._recent: deque[tuple[int, Event]] = deque()
         self._closed = False
         self._checkpointer = threading.Thread(target=self._checkpoint_forever,
@@ -99,6 +102,10 @@ class Spool:
                              ev.routing_key, headers, ev.body, size))
             self._db.execute("BEGIN")
             self._db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
+            # When the stream was last heard from, so that after a crash or restart the
+            # next run can tell workers how long the stream went unread.
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('last_received_at', ?)",
+                             (str(events[-1].received_at),))
             self._db.execute("COMMIT")
             self._next_seq = first + len(events)
             self._count += len(events)
