@@ -3,7 +3,8 @@
 `StreamReader.run` is a loop over one explicit state machine:
 
     CONNECTING -> AUTHENTICATING -> STREAMING -> (lost) -> CONNECTING ...
-                                              -> CLOSED (stop() or a fatal error)
+                                              -> CLOSING (stop(): close handshake)
+                                                   -> CLOSED
 
 It knows websockets and the Tutum handshake, and nothing of AMQP: every frame goes to
 a `StreamSink`, which decides what the frame is and where it goes. Liveness is ours:
@@ -48,6 +49,7 @@ class State(enum.Enum):
     CONNECTING = "connecting"
     AUTHENTICATING = "authenticating"
     STREAMING = "streaming"
+    CLOSING = "closing"
     CLOSED = "closed"
 
 
@@ -80,6 +82,7 @@ class StreamReader:
         """
         ws = self._ws
         if self.state is State.STREAMING and ws is not None:
+            self.state = State.CLOSING
             self._close_deadline = time.monotonic() + CLOSE_TIMEOUT
             self._stopping.set()
             try:
@@ -118,7 +121,7 @@ class StreamReader:
             self._sink.flush()
 
     def _on_lost(self, reason: str) -> None:
-        was_streaming = self.state is State.STREAMING
+        was_streaming = self.state in (State.STREAMING, State.CLOSING)
         self._close()
         if was_streaming:
             if self._stopping.is_set():
