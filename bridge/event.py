@@ -168,7 +168,8 @@ def event_headers(obj: dict, type_word: str, action_word: str) -> dict[str, obje
         headers["resource_uri"] = header_value(uri)
     parents = obj.get("parents")
     if isinstance(parents, list) and parents:
-        kept = [header_value(p) for p in parents[:PARENTS_MAX] if isinstance(p, str)]
+        kept = [p if p.isascii() and len(p) <= HEADER_VALUE_MAX else header_value(p)
+                for p in parents[:PARENTS_MAX] if isinstance(p, str)]
         headers["parents"] = kept
         for uri in kept:
             match = _PARENT_URI.match(uri)

@@ -10,9 +10,10 @@ SQLite database in WAL mode (standard library, crash-safe, fast appends in batch
 - `confirm(seq)` deletes everything up to `seq`; it is called only with a prefix the
   broker has confirmed, so a crash at any moment leaves exactly the unconfirmed
   events (and perhaps a few confirmed ones: duplicates, never losses).
-- The last `window` events also stay in memory, so the publisher reads new events
-  without touching the disk; older ones (a backlog after an outage) are read back in
-  order from the database. Memory is bounded by the window, whatever the backlog.
+- The newest events also stay in memory (at most `window` of them and `window_bytes`
+  of bodies), so the publisher reads new events without touching the disk; older
+  ones (a backlog after an outage) are read back in order from the database. Memory
+  is bounded by the window, whatever the backlog and whatever the frame sizes.
   An event's headers are derived from its body again when it is read back, so only
   the body is stored (and, for a quarantined frame, the headers saying why).
 - Its size is bounded: `has_room()` is false once `max_bytes` of events wait, and
@@ -52,11 +53,13 @@ class Spool:
     """A bounded, ordered, crash-safe queue of events; thread-safe."""
 
     def __init__(self, path: Path, max_bytes: int, sync: str = "normal",
-                 window: int = 4096) -> None:
+                 window: int = 8192, window_bytes: int = 8 * 1024 * 1024) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_bytes = max_bytes
         self._window = window
+        self._window_bytes = window_bytes
+        self._recent_bytes = 0
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -111,8 +114,10 @@ class Spool:
             self._count += len(events)
             self._bytes += added
             self._recent.extend(zip(range(first, self._next_seq), events))
-            while len(self._recent) > self._window:
-                self._recent.popleft()
+            self._recent_bytes += sum(len(ev.body) for ev in events)
+            while self._recent and (len(self._recent) > self._window
+                                    or self._recent_bytes > self._window_bytes):
+                self._recent_bytes -= len(self._recent.popleft()[1].body)
             return self._next_seq - 1
 
     def has_room(self) -> bool:
