@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from bridge import __version__
@@ -44,7 +45,38 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _secret_flags() -> dict[str, str]:
+    """Flag -> environment variable, for every setting that holds a secret."""
+    from bridge import config
+    settings = config.ALL_RUN_SETTINGS
+    return {s.flag: s.env for s in settings if s.secret and s.env}
+
+
+def hide_secret_flags(argv: list[str]) -> None:
+    """Re-execute without secrets on the command line, if any were given as flags.
+
+    Anyone on the machine can read a process's arguments (`ps`, /proc/PID/cmdline),
+    but not its environment. So a secret flag moves to its environment variable (a flag
+    wins over the environment, and still does: it is the only value left) and the
+    process replaces itself, keeping its PID, with the same command minus the secret.
+    """
+    flags = _secret_flags()
+    env, kept, moved = dict(os.environ), [], False
+    args = iter(argv)
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if name in flags:
+            env[flags[name]] = value if eq else next(args, "")
+            moved = True
+        else:
+            kept.append(arg)
+    if moved:
+        os.execve(sys.executable, [sys.executable, "-m", "bridge", *kept], env)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        hide_secret_flags(sys.argv[1:])
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "run")
