@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
+import pika
+
 from bridge.errors import ConfigError
 
 DEFAULT_STREAM_HOST = "wss://stream.tutum.co"
@@ -300,6 +302,16 @@ class AmqpConfig:
     @property
     def redacted_urls(self) -> list[str]:
         return [redact_url(u) for u in self.urls]
+
+    def parameters(self, url: str, connection_name: str) -> pika.URLParameters:
+        """pika's parameters for one of `urls`: TLS verified by `ssl_context`, and a
+        connection name that tells operators (and `rabbitmqctl`) which client it is."""
+        params = pika.URLParameters(url)
+        if urlsplit(url).scheme == "amqps":
+            params.ssl_options = pika.SSLOptions(self.ssl_context(), urlsplit(url).hostname)
+        params.client_properties = {"connection_name": f"tutum-bridge {connection_name}",
+                                    "product": "tutum-bridge"}
+        return params
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """A verifying context for amqps:// (None for amqp://)."""

@@ -35,13 +35,11 @@ def set_secrets(secrets: tuple[str, ...] | list[str]) -> None:
     _secrets = tuple(sorted(forms, key=len, reverse=True))
 
 
-def add_secret_forms(*forms: str) -> None:
-    """Register extra literal forms (e.g. the exact Basic header a login sent)."""
-    set_secrets(tuple(_secrets) + tuple(f for f in forms if f))
-
-
-def scrub(text: str) -> str:
-    for secret in _secrets:
+def scrub(text: str, secrets: tuple[str, ...] | None = None) -> str:
+    """`text` without the registered secrets (or without `secrets`, in any of their forms)."""
+    forms = _secrets if secrets is None else sorted(
+        {f for s in secrets if s for f in _variants(s)}, key=len, reverse=True)
+    for secret in forms:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text

@@ -22,14 +22,13 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import pika
 from pika.adapters.select_connection import IOLoop
 from pika import exceptions as pe
 from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed
 
-from bridge.amqp_encode import APP_ID, encode_publish
+from bridge.amqp_encode import encode_publish
 from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
 from bridge.errors import BridgeError, BrokerRefused, TLSVerificationError
@@ -72,7 +71,6 @@ class Publisher:
         self._backoff = Backoff(base=0.25, cap=reconnect_max)
         self._ioloop = IOLoop()
         self._urls = itertools.cycle(amqp.urls)
-        self._ssl_context = amqp.ssl_context()
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
 
         self.state = State.CLOSED
@@ -145,11 +143,7 @@ class Publisher:
         if self.state is State.STOPPED:
             return
         url = next(self._urls)
-        params = pika.URLParameters(url)
-        if urlsplit(url).scheme == "amqps":
-            params.ssl_options = pika.SSLOptions(self._ssl_context, urlsplit(url).hostname)
-        params.client_properties = {"connection_name": f"tutum-bridge {self._topology.exchange}",
-                                    "product": APP_ID}
+        params = self._amqp.parameters(url, self._topology.exchange)
         params.connection_attempts = 1
         self.state = State.CONNECTING
         self._log.info("broker.connecting", url=self._redacted(url))

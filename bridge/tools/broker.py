@@ -13,13 +13,13 @@ from __future__ import annotations
 import re
 import signal
 import threading
-from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions
 
 from bridge.config import AMQP_SETTINGS, TOPOLOGY_SETTINGS, AmqpConfig
 from bridge.errors import BridgeError, BrokerRefused
+from bridge.log import scrub
 
 # The settings every tool shares: where the broker is, the exchange, and the alternate
 # exchange the bridge declares it with (needed to declare it the same way).
@@ -27,25 +27,6 @@ SETTINGS = AMQP_SETTINGS + tuple(s for s in TOPOLOGY_SETTINGS if s.name == "unro
 
 # Reply codes with which a broker says "no" rather than "something broke".
 _REFUSALS = {403, 404, 405, 406, 530}
-
-
-def _parameters(amqp: AmqpConfig, name: str) -> list[pika.URLParameters]:
-    context = amqp.ssl_context()
-    out = []
-    for url in amqp.urls:
-        params = pika.URLParameters(url)
-        if context is not None and url.startswith("amqps:"):
-            params.ssl_options = pika.SSLOptions(context, urlsplit(url).hostname)
-        params.client_properties = {"connection_name": f"tutum-bridge {name}"}
-        out.append(params)
-    return out
-
-
-def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 def reason(exc: BaseException) -> str:
@@ -72,7 +53,7 @@ def connect(amqp: AmqpConfig, secrets: tuple[str, ...], name: str) -> pika.Block
     """A connection to the first broker URL that accepts us; BridgeError otherwise."""
     where = ", ".join(amqp.redacted_urls)
     try:
-        return pika.BlockingConnection(_parameters(amqp, name))
+        return pika.BlockingConnection([amqp.parameters(url, name) for url in amqp.urls])
     except (pika.exceptions.ProbableAuthenticationError,
             pika.exceptions.ProbableAccessDeniedError,
             pika.exceptions.AuthenticationError,

@@ -26,6 +26,7 @@ import pika.exceptions
 from bridge.config import add_arguments as add_setting_arguments
 from bridge.config import amqp_config, resolve
 from bridge.errors import EXIT_OK, BridgeError, ConfigError
+from bridge.log import scrub
 from bridge.event import excerpt
 from bridge.tools import broker
 
@@ -185,6 +186,6 @@ def main(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except pika.exceptions.AMQPError as exc:
-        raise BridgeError(f"lost the broker: {broker.scrub(broker.reason(exc), secrets)}") from None
+        raise BridgeError(f"lost the broker: {scrub(broker.reason(exc), secrets)}") from None
     finally:
         broker.close(connection)
