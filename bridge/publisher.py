@@ -269,7 +269,8 @@ class Publisher:
         three frames of each publish separately, each write letting the stream thread in.
         """
         self._wakeup_pending = False
-        if self.state is not State.OPEN or self.blocked or not self._channel.is_open:
+        if (self.state is not State.OPEN or self.blocked or self._channel is None
+                or not self._channel.is_open):
             return
         exchange, quarantine = self._topology.exchange, self._topology.quarantine
         spool, connection = self._spool, self._connection
