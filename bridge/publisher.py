@@ -9,9 +9,10 @@ IOLoop thread, an explicit state machine, and callbacks that each do one step:
 It knows AMQP and the spool, and nothing of websockets. Publishing is pipelined: up to
 `inflight` events are unconfirmed at once. When the connection or channel is lost,
 every unconfirmed event is republished first, in the original order, with the same
-`message_id` and `x-republished: true`. A nack is treated like a lost channel, so
-order is kept. Only a prefix of events that are all confirmed is removed from the
-spool, so nothing is forgotten before the broker has it.
+`message_id` and `x-republished: true`. A nack is treated like a lost channel: the
+nacked event and everything after it are republished in order (events behind it that
+the broker did accept arrive twice). Only a prefix of events that are all confirmed is
+removed from the spool, so nothing is forgotten before the broker has it.
 """
 
 from __future__ import annotations
@@ -305,6 +306,12 @@ class Publisher:
         self._maybe_finish_drain()
 
     def _on_confirm(self, frame) -> None:
+        if self.state is not State.OPEN:
+            # After a nack the channel is being closed, and its later confirms must not
+            # count: an ack with `multiple` covers the nacked tag too, and would let an
+            # event the broker refused leave the spool. Ignoring an ack costs one
+            # duplicate at most.
+            return
         method = frame.method
         tag, multiple = method.delivery_tag, method.multiple
         if isinstance(method, pika.spec.Basic.Nack):

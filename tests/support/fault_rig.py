@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -61,8 +60,7 @@ class Rig:
     def bridge(self, sim: procs.Proc, *, via: TcpProxy | None = None, name: str = "bridge",
                **env: str) -> procs.Proc:
         env.setdefault("AMQP_URL", self.amqp_url(via) if via else self.node.url)
-        # A port of its own: an empty BRIDGE_METRICS_ADDR falls back to the default
-        # 127.0.0.1:9120, which concurrent bridges would fight over.
+        # A port of its own: concurrent bridges must not fight over one.
         env["BRIDGE_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
         proc = self._start_bridge(sim, name=name, **env)
         proc.info["metrics"] = env["BRIDGE_METRICS_ADDR"]
@@ -119,17 +117,7 @@ class Rig:
             return found[count - 1] if len(found) >= count else None
         return wait_for(seen, timeout, 0.05, what=f"bridge log event {event!r} x{count}")
 
-    @staticmethod
-    def metric(proc: procs.Proc, name: str, labels: str = "") -> float:
-        """One sample from the bridge's /metrics (`labels` as in the exposition, e.g.
-        'kind="event"'); 0 if absent."""
-        with urllib.request.urlopen(f"http://{proc.info['metrics']}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        key = f"{name}{{{labels}}}" if labels else name
-        for line in text.splitlines():
-            if line.startswith(key + " "):
-                return float(line.split()[-1])
-        return 0.0
+    metric = staticmethod(procs.metric)
 
     @staticmethod
     def rss(proc: procs.Proc) -> int:

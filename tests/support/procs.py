@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +112,19 @@ def start_bridge(tmp_path: Path, env: dict[str, str], *extra: str,
 
 def simulator_stats(sim: Proc) -> dict:
     """The simulator's counters from GET /stats (sent, connections, ...)."""
-    import urllib.request
     url = f"http://127.0.0.1:{sim.info['port']}/stats"
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
+
+
+def metric(proc: Proc, name: str, labels: str = "") -> float:
+    """One sample from a bridge's /metrics (`labels` as in the exposition, e.g.
+    'kind="event"'); 0 if absent. The bridge must have been started with a
+    BRIDGE_METRICS_ADDR of its own, kept in `proc.info["metrics"]`."""
+    with urllib.request.urlopen(f"http://{proc.info['metrics']}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    key = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
