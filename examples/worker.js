@@ -32,11 +32,20 @@ async function main() {
   await channel.bindQueue(QUEUE, EXCHANGE, 'container.*');
   await channel.prefetch(20);
 
+  // Message ids are `<spool id>-<sequence>`. A repeat is skipped unless an older event
+  // was handled since (a nack lets N+1 through before N's republish): handling it again
+  // keeps the last word on every event in the bridge's order.
   const seen = new Set(); // insertion-ordered, so the oldest id is the first one
+  const lastSeq = new Map(); // spool id -> sequence handled last
+  const position = (id) => {
+    const m = /^(.+)-(\d+)$/.exec(id);
+    return m ? [m[1], Number(m[2])] : [id, null];
+  };
   await channel.consume(QUEUE, (msg) => {
     if (msg === null) return; // the broker cancelled us (queue deleted)
     const id = msg.properties.messageId;
-    if (id && seen.has(id)) {
+    const [spool, seq] = id ? position(id) : [null, null];
+    if (id && seen.has(id) && (seq === null || seq <= (lastSeq.get(spool) || 0))) {
       channel.ack(msg); // a republished duplicate: already handled
       return;
     }
@@ -52,8 +61,10 @@ async function main() {
       return;
     }
     if (id) {
+      seen.delete(id);
       seen.add(id);
       if (seen.size > DEDUPE) seen.delete(seen.values().next().value);
+      if (seq !== null) lastSeq.set(spool, seq);
     }
     channel.ack(msg); // only now: a crash before this line means redelivery, not loss
   });

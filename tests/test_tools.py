@@ -228,6 +228,33 @@ def test_worker_helper_acks_after_handling_dedupes_and_requeues_a_failure_once(t
     assert broker.queue_depth(queue) == 0, "acked after handling, poison rejected once redelivered"
 
 
+def test_worker_helper_handles_a_repeat_again_only_to_restore_the_received_order(topology):
+    """After a nack, the first copy of event 3 can arrive before event 2's republish;
+    the handler's last call per event must still follow the bridge's order. Repeats
+    after a plain reconnect (nothing older handled since) are skipped."""
+    queue = topology.bind("container.*")
+    calls, stop = [], threading.Event()
+
+    def handler(message):
+        calls.append(message.message_id)
+        if message.message_id == "s-5":
+            stop.set()
+
+    arrivals = ["s-1", "s-3",           # 2 was nacked, 3 accepted meanwhile
+                "s-2", "s-3", "s-4",    # the republish after the nack, in order
+                "s-3", "s-4",           # a republish after a connection loss
+                "other-x", "other-x",   # not a bridge id: plain de-duplication
+                "s-5"]
+    with broker.connect() as conn:
+        channel = conn.channel()
+        for message_id in arrivals:
+            channel.basic_publish(topology.exchange, "container.update", b"{}",
+                                  pika.BasicProperties(message_id=message_id))
+    run_worker(topology, [], handler, queue, stop)
+    assert calls == ["s-1", "s-3", "s-2", "s-3", "s-4", "other-x", "s-5"]
+    assert broker.queue_depth(queue) == 0
+
+
 # --- demo ----------------------------------------------------------------------------------
 
 def test_demo_shows_events_flowing_and_stops_cleanly_leaving_no_queue_bound(

@@ -9,14 +9,16 @@ container events the worker must have printed: all of them, in order, and nothin
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import pika
 import pytest
 
-from tests.support.broker import AMQP_URL, drain, queue_depth, unique
+from tests.support.broker import AMQP_URL, connect, drain, queue_depth, unique
 from tests.support.procs import Proc
 from tests.support.spec import topic_matches
 from tests.support.wait import wait_for
@@ -103,3 +105,24 @@ def test_a_nodejs_worker_bound_to_container_star_receives_only_container_events(
     for line, msg in zip(lines, containers):
         assert line.rstrip().endswith(msg.properties.headers["resource_uri"]), line
     assert queue_depth(js_worker.info["queue"]) == 0
+
+
+def test_the_nodejs_worker_skips_repeats_but_restores_the_order_after_a_nack(
+        topology, js_worker):
+    """The arrivals a nack can cause (3 before 2's republish) and a plain reconnect's
+    repeats, published as the bridge would: the worker prints each event again only
+    where that restores the received order."""
+    arrivals = ["s-1", "s-3", "s-2", "s-3", "s-4", "s-3", "s-4", "s-5"]
+    with connect() as conn:
+        channel = conn.channel()
+        for message_id in arrivals:
+            body = json.dumps({"type": "container", "action": "update",
+                               "resource_uri": f"/api/v1/container/{message_id}/"})
+            channel.basic_publish(topology.exchange, "container.update", body.encode(),
+                                  pika.BasicProperties(message_id=message_id))
+    wait_for(lambda: queue_depth(js_worker.info["queue"]) == 0
+             and len(printed_keys(js_worker)) >= 6, 15, what="worker.js to handle them")
+    assert js_worker.stop(timeout=10) == 0, js_worker.stderr
+    printed = [line.split()[-1].split("/")[-2] for line in js_worker.stdout.splitlines()]
+    assert printed == ["s-1", "s-3", "s-2", "s-3", "s-4", "s-5"]
+    assert queue_depth(js_worker.info["queue"]) == 0, "every arrival was handled or skipped"

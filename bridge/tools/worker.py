@@ -16,8 +16,11 @@ What it promises:
   (dropped, or dead-lettered if the queue has a policy for it), so one poison message
   cannot spin the worker forever;
 - a `message_id` seen among the last `dedupe` handled messages is acked without calling
-  `handler`: the bridge republishes with the same id after a broker failure. The window
-  is per process, so handlers should still be idempotent across restarts;
+  `handler`: the bridge republishes with the same id after a broker failure. A repeat
+  is handled again in one case: when an older event of the same bridge was handled
+  after it (a nack can let event N+1 through before N's republish; see the README's
+  "Order"), so the handler's last call for every event follows the received order.
+  The window is per process, so handlers should still be idempotent across restarts;
 - a lost broker is reconnected with a capped backoff; a named queue is durable and
   keeps events meanwhile, while `queue=None` uses a temporary queue (fine for
   watching, not for work). A broker that refuses us raises `BrokerRefused`: retrying
@@ -59,20 +62,43 @@ class Message:
         return json.loads(self.body)
 
 
-class _Recent:
-    """The last `size` message ids, oldest forgotten first."""
+class _Repeats:
+    """Which messages are repeats to skip, over the last `size` handled message ids.
+
+    The bridge's message ids are `<spool id>-<sequence>`. A repeat is skipped only if
+    its sequence is at or below the last one handled for its spool; otherwise an older
+    event was handled since, and handling the repeat again restores the order.
+    """
 
     def __init__(self, size: int) -> None:
         self.size, self._ids = size, OrderedDict()
+        self._last: dict[str, int] = {}      # spool id -> sequence handled last
 
-    def __contains__(self, message_id: str | None) -> bool:
-        return message_id is not None and message_id in self._ids
+    def skip(self, message_id: str | None) -> bool:
+        if message_id is None or message_id not in self._ids:
+            return False
+        spool, seq = _position(message_id)
+        return seq is None or seq <= self._last.get(spool, 0)
 
-    def add(self, message_id: str | None) -> None:
-        if message_id is not None and self.size > 0:
-            self._ids[message_id] = None
-            if len(self._ids) > self.size:
-                self._ids.popitem(last=False)
+    def handled(self, message_id: str | None) -> None:
+        if message_id is None or self.size <= 0:
+            return
+        self._ids[message_id] = None
+        self._ids.move_to_end(message_id)
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        spool, seq = _position(message_id)
+        if seq is not None:
+            self._last.pop(spool, None)      # most recent last, so the oldest goes first
+            self._last[spool] = seq
+            if len(self._last) > self.size:
+                del self._last[next(iter(self._last))]
+
+
+def _position(message_id: str) -> tuple[str, int | None]:
+    """(spool id, sequence) of a bridge message id; no sequence for any other id."""
+    spool, _, seq = message_id.rpartition("-")
+    return (spool, int(seq)) if spool and seq.isdigit() else (message_id, None)
 
 
 def _declare(channel, patterns: list[str], queue: str | None, exchange: str,
@@ -109,12 +135,12 @@ def consume(patterns: Iterable[str], handler: Callable[[Message], object],
         amqp = AmqpConfig(urls=parse_amqp_urls(amqp_url), exchange=exchange)
     except ValueError as exc:
         raise ConfigError(f"amqp_url: {exc}") from None
-    patterns, recent, delay = list(patterns), _Recent(dedupe), 1.0
+    patterns, repeats, delay = list(patterns), _Repeats(dedupe), 1.0
 
     def on_message(channel, method, properties, body: bytes) -> None:
         message = Message(method.routing_key, body, properties.headers or {},
                           properties.message_id, method.redelivered)
-        if message.message_id in recent:
+        if repeats.skip(message.message_id):
             channel.basic_ack(method.delivery_tag)
             return
         try:
@@ -124,7 +150,7 @@ def consume(patterns: Iterable[str], handler: Callable[[Message], object],
                           message.message_id, "" if method.redelivered else "; requeued once")
             channel.basic_reject(method.delivery_tag, requeue=not method.redelivered)
             return
-        recent.add(message.message_id)
+        repeats.handled(message.message_id)
         channel.basic_ack(method.delivery_tag)
 
     with broker.StopRequest(stop) as request:
