@@ -52,12 +52,12 @@ ROW_OVERHEAD = 64          # bytes counted per event beyond body and headers
 # runs the disk is slow for everyone on it, RabbitMQ included (a broker on the same
 # disk delays deliveries for its length). Small, frequent flushes keep each stall
 # short: at 1,000 events/s, end-to-end p99 was 23-24 ms with a checkpoint a second and
-# 7 ms with one every 0.1-0.2 s (`tutum-bridge bench`). In a burst, though, frequent
-# checkpoints copy the same hot pages over and over and cost throughput; past
-# CHECKPOINT_BURST_BYTES per tick they fall back to one a second.
+# 7 ms with one every 0.1-0.2 s (`tutum-bridge bench`). In a burst, events queue
+# anyway and frequent checkpoints would only recopy the same hot pages, so past
+# CHECKPOINT_BURST_BYTES a tick (about 650 simulator events) it is one a second.
 CHECKPOINT_EVERY = 0.2               # seconds, while the stream is calm
 CHECKPOINT_BURST_EVERY = 1.0         # seconds, in a burst
-CHECKPOINT_BURST_BYTES = 512 * 1024  # written within one CHECKPOINT_EVERY: a burst
+CHECKPOINT_BURST_BYTES = 256 * 1024  # written within one CHECKPOINT_EVERY: a burst
 
 
 class Spool:
