@@ -36,9 +36,7 @@ def test_nacked_events_are_republished_in_order(simulator, bridge, topology):
         ch.queue_bind(queue, topology.exchange, "#")
 
     sim = simulator("--seed", "9", "--count", str(EVENTS), "--rate", "0", "--sequence")
-    metrics_addr = f"127.0.0.1:{free_port()}"
-    proc = bridge(sim, BRIDGE_METRICS_ADDR=metrics_addr)
-    proc.info["metrics"] = metrics_addr
+    proc = bridge(sim, BRIDGE_METRICS_ADDR=f"127.0.0.1:{free_port()}")
 
     wait_for(lambda: queue_depth(queue) == CAPACITY, 20, what="the queue to fill up")
     wait_for(lambda: "broker.nack" in proc.stderr, 20, what="the bridge to be nacked")

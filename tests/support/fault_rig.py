@@ -63,7 +63,6 @@ class Rig:
         # A port of its own: concurrent bridges must not fight over one.
         env["BRIDGE_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
         proc = self._start_bridge(sim, name=name, **env)
-        proc.info["metrics"] = env["BRIDGE_METRICS_ADDR"]
         self.bridges.append(proc)
         return proc
 

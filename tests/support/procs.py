@@ -107,7 +107,10 @@ def bridge_env(sim: Proc, tmp_path: Path, topology_env: dict[str, str],
 
 def start_bridge(tmp_path: Path, env: dict[str, str], *extra: str,
                  name: str = "bridge") -> Proc:
-    return spawn(["run", *extra], tmp_path, name, env)
+    proc = spawn(["run", *extra], tmp_path, name, env)
+    if env.get("BRIDGE_METRICS_ADDR"):
+        proc.info["metrics"] = env["BRIDGE_METRICS_ADDR"]    # for `metric()`
+    return proc
 
 
 def simulator_stats(sim: Proc) -> dict:
@@ -120,7 +123,7 @@ def simulator_stats(sim: Proc) -> dict:
 def metric(proc: Proc, name: str, labels: str = "") -> float:
     """One sample from a bridge's /metrics (`labels` as in the exposition, e.g.
     'kind="event"'); 0 if absent. The bridge must have been started with a
-    BRIDGE_METRICS_ADDR of its own, kept in `proc.info["metrics"]`."""
+    BRIDGE_METRICS_ADDR of its own (`start_bridge` keeps it in `proc.info`)."""
     with urllib.request.urlopen(f"http://{proc.info['metrics']}/metrics", timeout=5) as r:
         text = r.read().decode()
     key = f"{name}{{{labels}}}" if labels else name
