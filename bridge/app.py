@@ -166,7 +166,8 @@ class Bridge:
         self._install_signal_handlers()
         self._log.info("bridge.starting", exchange=cfg.amqp.exchange, stream=cfg.stream.redacted_url,
                        brokers=cfg.amqp.redacted_urls, spool=str(spool.path),
-                       recovered=spool.recovered)
+                       recovered=spool.recovered,
+                       metrics="%s:%d" % server.address[:2] if server else None)
 
         publisher.start()
         stream_thread = threading.Thread(target=self._run_stream, args=(stream,), name="stream",

@@ -17,7 +17,6 @@ import json
 
 from tests.support import procs
 from tests.support.broker import connect, drain, queue_depth, unique
-from tests.support.rabbit_node import free_port
 from tests.support.wait import wait_for
 
 CAPACITY = 20
@@ -36,7 +35,7 @@ def test_nacked_events_are_republished_in_order(simulator, bridge, topology):
         ch.queue_bind(queue, topology.exchange, "#")
 
     sim = simulator("--seed", "9", "--count", str(EVENTS), "--rate", "0", "--sequence")
-    proc = bridge(sim, BRIDGE_METRICS_ADDR=f"127.0.0.1:{free_port()}")
+    proc = bridge(sim, BRIDGE_METRICS_ADDR="127.0.0.1:0")
 
     wait_for(lambda: queue_depth(queue) == CAPACITY, 20, what="the queue to fill up")
     wait_for(lambda: "broker.nack" in proc.stderr, 20, what="the bridge to be nacked")

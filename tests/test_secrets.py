@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import re
-import socket
 import subprocess
 import urllib.request
 import uuid
@@ -69,12 +68,6 @@ def account():
         rabbitmqctl(("delete_user", user), ("delete_vhost", vhost))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 ALL_SECRETS = (APIKEY, WRONG_APIKEY, AMQP_PASSWORD, WRONG_AMQP_PASSWORD)
 
 
@@ -89,9 +82,8 @@ def test_a_debug_run_that_carries_events_shows_no_secret(
         simulator, bridge, topology, account, log_format):
     sim = simulator("--rate", "0", "--count", "20", apikey=APIKEY)
     queue = topology.bind("#", url=account["url"])
-    port = free_port()
     proc = bridge(sim, AMQP_URL=account["url"], TUTUM_APIKEY=APIKEY, LOG_LEVEL="debug",
-                  LOG_FORMAT=log_format, BRIDGE_METRICS_ADDR=f"127.0.0.1:{port}")
+                  LOG_FORMAT=log_format, BRIDGE_METRICS_ADDR="127.0.0.1:0")
     broker.drain(queue, count=22, timeout=20, url=account["url"])
 
     pid = proc.popen.pid
@@ -99,7 +91,8 @@ def test_a_debug_run_that_carries_events_shows_no_secret(
                      *ALL_SECRETS, where="the command line")
     assert_no_secret(Path(f"/proc/{pid}/comm").read_bytes(), *ALL_SECRETS, where="comm")
     for path in ("/metrics", "/healthz"):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://{procs.metrics_address(proc)}{path}",
+                                    timeout=5) as resp:
             assert_no_secret(resp.read(), *ALL_SECRETS, where=path)
 
     proc.signal(15)

@@ -21,7 +21,7 @@ import psutil
 from tests.support import procs
 from tests.support.broker import Topology
 from tests.support.ledger import Collector, Ledger, compute
-from tests.support.rabbit_node import RabbitNode, free_port
+from tests.support.rabbit_node import RabbitNode
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.wait import wait_for
 
@@ -60,8 +60,7 @@ class Rig:
     def bridge(self, sim: procs.Proc, *, via: TcpProxy | None = None, name: str = "bridge",
                **env: str) -> procs.Proc:
         env.setdefault("AMQP_URL", self.amqp_url(via) if via else self.node.url)
-        # A port of its own: concurrent bridges must not fight over one.
-        env["BRIDGE_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
+        env["BRIDGE_METRICS_ADDR"] = "127.0.0.1:0"     # a port of its own: see metric()
         proc = self._start_bridge(sim, name=name, **env)
         self.bridges.append(proc)
         return proc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,10 +108,7 @@ def bridge_env(sim: Proc, tmp_path: Path, topology_env: dict[str, str],
 
 def start_bridge(tmp_path: Path, env: dict[str, str], *extra: str,
                  name: str = "bridge") -> Proc:
-    proc = spawn(["run", *extra], tmp_path, name, env)
-    if env.get("BRIDGE_METRICS_ADDR"):
-        proc.info["metrics"] = env["BRIDGE_METRICS_ADDR"]    # for `metric()`
-    return proc
+    return spawn(["run", *extra], tmp_path, name, env)
 
 
 def simulator_stats(sim: Proc) -> dict:
@@ -120,11 +118,26 @@ def simulator_stats(sim: Proc) -> dict:
         return json.loads(response.read())
 
 
+def metrics_address(proc: Proc) -> str:
+    """Where a bridge serves /metrics, from its `bridge.starting` log line. Tests give
+    BRIDGE_METRICS_ADDR port 0: a port picked beforehand can be taken before it binds."""
+    def logged():
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"bridge exited {proc.popen.returncode}:\n{proc.stderr[-3000:]}")
+        for line in proc.stderr.splitlines():
+            if "bridge.starting" in line:
+                return re.search(r"metrics\W+([\d.]+:\d+)", line).group(1)
+        return None
+    if "metrics" not in proc.info:
+        proc.info["metrics"] = wait_for(logged, 20, what="the bridge's metrics address")
+    return proc.info["metrics"]
+
+
 def metric(proc: Proc, name: str, labels: str = "") -> float:
     """One sample from a bridge's /metrics (`labels` as in the exposition, e.g.
-    'kind="event"'); 0 if absent. The bridge must have been started with a
-    BRIDGE_METRICS_ADDR of its own (`start_bridge` keeps it in `proc.info`)."""
-    with urllib.request.urlopen(f"http://{proc.info['metrics']}/metrics", timeout=5) as r:
+    'kind="event"'); 0 if absent. The bridge must have been started with
+    BRIDGE_METRICS_ADDR=127.0.0.1:0."""
+    with urllib.request.urlopen(f"http://{metrics_address(proc)}/metrics", timeout=5) as r:
         text = r.read().decode()
     key = f"{name}{{{labels}}}" if labels else name
     for line in text.splitlines():
