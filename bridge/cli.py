@@ -3,7 +3,7 @@
 Each verb lives in its own module exposing `add_arguments(parser)` and
 `main(args) -> int`; modules are imported only when their verb runs, so `--help` and
 the simulator stay light. Whatever a verb raises ends here as one line on stderr and
-the exit code of SPEC section 6 -- never a traceback.
+the exit code of docs/contract.md section 6 -- never a traceback.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Exit codes and the exceptions that map to them.
 
 Every way the process can end on purpose is here, so `cli.main` can turn any of
-them into one line on stderr and the exit code the SPEC promises.
+them into one line on stderr and the exit code docs/contract.md promises.
 """
 
 EXIT_OK = 0

@@ -29,7 +29,7 @@ _PARENT_URI = re.compile(r"/api/v1/([^/]+)/([^/]+)/?\Z")
 class Event:
     """One message to publish, from the moment it is received.
 
-    `headers` are the AMQP headers the SPEC promises; `quarantined` events go to the
+    `headers` are the AMQP headers docs/contract.md promises; `quarantined` events go to the
     quarantine queue instead of the topic exchange. The spool adds the sequence
     number, from which the publisher derives `message_id`.
     """

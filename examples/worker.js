@@ -1,6 +1,6 @@
 // An example worker in another language: Node.js with amqplib, reading container.*
 // events from the bridge's exchange. Nothing in it is specific to tutum-bridge beyond
-// the message contract (SPEC section 3): any AMQP 0-9-1 client can be a worker.
+// the message contract (docs/contract.md section 3): any AMQP 0-9-1 client can be a worker.
 //
 // Run it next to the bridge, or next to `tutum-bridge demo` for made-up events:
 //

@@ -1,4 +1,4 @@
-"""The core contract (SPEC 3), end to end: simulator -> bridge -> RabbitMQ -> worker queues.
+"""The core contract (docs/contract.md section 3), end to end: simulator -> bridge -> RabbitMQ -> worker queues.
 
 Real simulator, real bridge process, real broker. What the stream sent is learnt
 independently: a second simulator with the same seed sends the same frames (seeded
@@ -40,7 +40,7 @@ def key_of(body: bytes) -> str:
 
 
 def check_properties(msg: Received, t0: float, t1: float) -> None:
-    """SPEC 3, 'Properties on every message'."""
+    """docs/contract.md section 3, 'Properties on every message'."""
     p = msg.properties
     assert p.delivery_mode == 2
     assert p.content_type == "application/json"

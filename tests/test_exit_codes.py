@@ -1,4 +1,4 @@
-"""Exit codes (SPEC 6): a supervisor, a deploy script or a person must know why it stopped.
+"""Exit codes (docs/contract.md section 6): a supervisor, a deploy script or a person must know why it stopped.
 
 0 clean stop; 2 bad configuration or usage; 3 the stream refused the credentials;
 4 the broker refused us; 1 anything else. Every non-zero exit prints one clear line

@@ -1,4 +1,4 @@
-"""The delivery guarantee (SPEC 4) under real faults, with real processes and sockets.
+"""The delivery guarantee (docs/contract.md section 4) under real faults, with real processes and sockets.
 
 Each test runs the simulator with `--sequence`, binds a `#` queue on its own exchange
 of a private RabbitMQ node (shared by the module; the broker on 5672 is never

@@ -2,7 +2,7 @@
 
 The stream server is `tests.support.hostile_server`, which sends bytes no websocket
 library would: invalid UTF-8 in text frames, a 20 MiB frame, lying length headers,
-half frames, garbage instead of a handshake. The promises checked (SPEC 3 and 4):
+half frames, garbage instead of a handshake. The promises checked (docs/contract.md section 3 and 4):
 
 - every valid event still arrives, in order, byte for byte, on a queue bound `#`;
 - every frame that is not a JSON object with a string `type` lands in the quarantine
@@ -166,7 +166,7 @@ HOSTILE: list[Case] = [
          "container.update"),
     text("5,000-digit integer field (valid JSON)",
          '{"type":"container","action":"update","n":' + "9" * 5000 + "}", "container.update"),
-    # A handshake frame mid-stream is not an event (SPEC 3).
+    # A handshake frame mid-stream is not an event (docs/contract.md section 3).
     text("auth frame mid-stream", '{"type":"auth","user":"mallory"}'),
 ]
 

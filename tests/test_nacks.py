@@ -1,4 +1,4 @@
-"""A nack is retried, not dropped (SPEC 4).
+"""A nack is retried, not dropped (docs/contract.md section 4).
 
 RabbitMQ nacks a publish that a queue with `x-overflow: reject-publish` has no room
 for. The test fills such a queue, lets the bridge run into nacks, then makes room, a

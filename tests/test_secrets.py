@@ -1,4 +1,4 @@
-"""Secrets (SPEC 5): the API key, TUTUM_AUTH and the AMQP password never leave the process.
+"""Secrets (docs/contract.md section 5): the API key, TUTUM_AUTH and the AMQP password never leave the process.
 
 Logs go to aggregators, metrics to dashboards, `ps` output to anyone on the host. So
 every byte the bridge writes -- at debug level, in both log formats, on success and on

@@ -1,4 +1,4 @@
-"""The simulator as a client of the Tutum Stream API sees it (SPEC 2), over real sockets.
+"""The simulator as a client of the Tutum Stream API sees it (docs/contract.md section 2), over real sockets.
 
 Every other test trusts the simulator to behave like Tutum and to inject exactly the
 faults it is asked for; these tests hold it to that. The simulator runs as a real

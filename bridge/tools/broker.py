@@ -1,8 +1,8 @@
-"""Blocking AMQP for the short-lived tools: connect and declare, with the SPEC's exit codes.
+"""Blocking AMQP for the short-lived tools: connect and declare, with the exit codes of docs/contract.md.
 
 The bridge needs an asynchronous publisher; a tool that declares a queue or prints a
 few events does not, so the tools use pika's `BlockingConnection`. What this module
-promises is the failure policy of SPEC section 6: a broker that refuses us (login,
+promises is the failure policy of docs/contract.md section 6: a broker that refuses us (login,
 vhost, permissions, a name declared with another type) is `BrokerRefused`, exit 4; a
 broker we cannot reach is exit 1; either way one line that names the broker by its
 redacted URL and never carries a secret.

@@ -172,7 +172,7 @@ class Rig:
 def assert_guarantee(ledger: Ledger, duplicates_allowed: bool = True,
                      lost_allowed: frozenset[int] = frozenset(),
                      missing: set[int] | None = None) -> None:
-    """SPEC 4: nothing lost, order kept, and every duplicate flagged as possible.
+    """docs/contract.md section 4: nothing lost, order kept, and every duplicate flagged as possible.
 
     `lost_allowed`: events the bridge never had (written by the simulator into a
     socket the network or a stop discarded); only a contiguous run of them may be

@@ -3,7 +3,7 @@
 The simulator's `--sequence` stamps every event with `sim_seq` (1, 2, 3, ... across
 connections), so a queue bound to `#` tells exactly which events arrived, how often,
 and in which order. `compute` turns that into the figures the delivery guarantee
-(SPEC 4) is about; `Ledger.report` prints them (visible with `pytest -s`) and appends
+(docs/contract.md section 4) is about; `Ledger.report` prints them (visible with `pytest -s`) and appends
 them as a JSON line to `$FAULT_REPORT` when set, so a write-up can quote real runs.
 
 A duplicate is allowed only when the bridge said it might be one: every copy of an

@@ -1,7 +1,7 @@
-"""The SPEC's rules, written out independently of the bridge, for tests to compare against.
+"""The rules of docs/contract.md, written out independently of the bridge, for tests to compare against.
 
 Routing words, header sets, quarantine reasons and topic-pattern matching, each as the
-SPEC states it (SPEC 3) rather than as `bridge.routing`/`bridge.event` implement it, so
+docs/contract.md states them (section 3) rather than as `bridge.routing`/`bridge.event` implement it, so
 a test that uses these checks the bridge against the contract, not against itself.
 """
 
@@ -34,7 +34,7 @@ def spec_key(obj: dict) -> str:
 
 
 def spec_headers(obj: dict) -> dict[str, object]:
-    """The headers SPEC 3 promises for an ordinary event (short, well-formed values)."""
+    """The headers docs/contract.md section 3 promises for an ordinary event (short, well-formed values)."""
     headers: dict[str, object] = {"type": spec_type_word(obj.get("type")),
                                   "action": spec_word(obj.get("action"))}
     for name in ("state", "resource_uri"):

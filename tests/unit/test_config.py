@@ -1,4 +1,4 @@
-"""Configuration (SPEC 5): names, defaults, precedence, and errors that never leak a secret.
+"""Configuration (docs/contract.md section 5): names, defaults, precedence, and errors that never leak a secret.
 
 An operator sets variables in a compose file or a unit, sometimes overrides one with a
 flag, and gets it wrong now and then: the bridge must say which setting is wrong in one

@@ -3,7 +3,8 @@
 The reference is pika's own path, unchanged: `Channel.basic_publish` -> the
 connection's `_send_method` -> `_send_message` (which cuts the body into frames) ->
 frame marshalling; only the socket below it is replaced by a list. The last test
-sends the encoded bytes to the real broker and reads the message back.
+is in tests/test_amqp_encode_live.py: it sends the encoded bytes to the
+real broker and reads the message back.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pika.connection import Connection
 from pika.exceptions import ShortStringTooLong
 
 from bridge.amqp_encode import encode_publish
-from tests.support.broker import AMQP_URL, connect, unique
-from tests.support.wait import wait_for
 
 MIN_FRAME, MAX_FRAME = pika.spec.FRAME_MIN_SIZE, pika.spec.FRAME_MAX_SIZE
 
@@ -142,47 +141,3 @@ def test_identical_to_pika(channel, exchange, routing_key, body, message_id, tim
             encode_publish(channel, exchange, routing_key, body, **kwargs)
         return
     assert encode_publish(channel, exchange, routing_key, body, **kwargs) == expected
-
-
-def test_broker_accepts_and_delivers_encoded_bytes():
-    """Written to a live connection the way pika writes its own frames, the bytes are
-    one confirmed publish in step with pika's, and come back with the body, routing
-    key and every property intact."""
-    exchange, queue = unique("t-encode-x"), unique("t-encode-q")
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL + "?frame_max=4096"))
-    try:
-        channel = connection.channel()
-        channel.exchange_declare(exchange, "topic")
-        channel.queue_declare(queue)
-        channel.queue_bind(queue, exchange, "container.*")
-        impl = channel._impl            # the async channel, to see every confirm
-        acks, selected = [], []
-        impl.confirm_delivery(ack_nack_callback=acks.append, callback=selected.append)
-        wait_for(lambda: connection.process_data_events(0.05) or selected, what="SelectOk")
-
-        frame_max = connection._impl.params.frame_max       # negotiated: 3 body frames
-        body = ('{"type":"container","action":"update","pad":"%s"}' % ("é" * 5000)).encode()
-        headers = {**TYPICAL_HEADERS, "x-republished": True, "x-frame-bytes": len(body)}
-        connection._impl._output_marshaled_frames([encode_publish(
-            impl.channel_number, exchange, "container.update", body, message_id="msg-é-1",
-            timestamp=1_700_000_123, headers=headers, frame_max=frame_max)])
-        impl.basic_publish(exchange, "container.create", b"{}")   # pika's own, after ours
-
-        wait_for(lambda: connection.process_data_events(0.05) or
-                 (acks and acks[-1].method.delivery_tag == 2), what="both confirmed")
-        assert all(isinstance(a.method, pika.spec.Basic.Ack) for a in acks)  # one may be multiple
-        method, props, got = channel.basic_get(queue, auto_ack=True)
-        second = channel.basic_get(queue, auto_ack=True)[0]
-    finally:
-        if connection.is_open:          # a malformed frame makes the broker close it
-            connection.close()
-        with connect() as cleanup:
-            cleanup.channel().queue_delete(queue)
-            cleanup.channel().exchange_delete(exchange)
-    assert frame_max == 4096 and len(body) > 2 * frame_max
-    assert got == body
-    assert (method.exchange, method.routing_key) == (exchange, "container.update")
-    assert (props.content_type, props.delivery_mode, props.message_id, props.timestamp,
-            props.app_id) == ("application/json", 2, "msg-é-1", 1_700_000_123, "tutum-bridge")
-    assert props.headers == headers
-    assert second.routing_key == "container.create"

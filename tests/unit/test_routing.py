@@ -1,4 +1,4 @@
-"""Routing keys (SPEC 3): whatever upstream sends, a key is two safe words.
+"""Routing keys (docs/contract.md section 3): whatever upstream sends, a key is two safe words.
 
 Workers bind `container.*`, `*.delete`, `service.#`; a key with a third word, a `*`, a
 `#` or a byte past 255 would make an event vanish from those bindings or make the

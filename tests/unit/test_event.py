@@ -1,4 +1,4 @@
-"""Frame classification (SPEC 3): what a worker sees for each frame the stream sends.
+"""Frame classification (docs/contract.md section 3): what a worker sees for each frame the stream sends.
 
 `classify` decides, for every frame, between a routable event (key + headers), the
 `auth` handshake (not published) and quarantine (with a reason). Headers go on the
