@@ -23,7 +23,7 @@ from bridge import log as logging_
 from bridge.errors import BridgeError, ConfigError
 from bridge.event import Event, Reason, excerpt, quarantine, classify
 from bridge.metrics import Metrics, MetricsServer
-from bridge.publisher import Publisher, Topology
+from bridge.publisher import Publisher
 from bridge.spool import Spool
 from bridge.stream import StreamReader
 
@@ -152,7 +152,7 @@ class Bridge:
     def run(self) -> int:
         cfg = self._cfg
         spool = self._open_spool()
-        publisher = Publisher(cfg.amqp, Topology(cfg.amqp.exchange, cfg.unrouted, cfg.quarantine),
+        publisher = Publisher(cfg.amqp, cfg.topology,
                               spool, inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
                               on_fatal=self._on_broker_fatal, log=logging_.get("publisher"),
                               metrics=self.metrics)

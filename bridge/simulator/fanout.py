@@ -63,10 +63,11 @@ class Broadcast:
                 for member in self.members:
                     member.wake.set()
                 return
-            batch, valid = [], 0
+            batch, events, valid = [], [], 0
             for frame in frames:
                 if frame.valid:
                     valid += 1
+                    events.append(frame.payload)
                     seq = stats.last_seq + valid
                     payload = stamp(frame.payload, seq) if sequence else frame.payload
                     batch.append((seq, frame.text, payload))
@@ -77,6 +78,7 @@ class Broadcast:
             if self.members:
                 stats.sent += valid
                 stats.malformed += len(frames) - valid
+                sim.rest.sent(events)       # the REST side shows what clients were told
             for member in list(self.members):
                 member.deliver(batch)
             await asyncio.sleep(0)

@@ -1,7 +1,8 @@
 """The Tutum-compatible stream server: HTTP routes, authentication, lifecycle, counters.
 
-`GET /v1/events` upgrades to a websocket; `GET /stats` answers JSON counters;
-`GET /healthz` answers 200; anything else 404. A websocket with bad credentials still
+`GET /v1/events` upgrades to a websocket; `GET /api/v1/...` is the REST side
+(`rest.py`); `GET /stats` answers JSON counters; `GET /healthz` answers 200; anything
+else 404. A websocket with bad credentials still
 completes its handshake, gets Tutum's UNAUTHORIZED error frame and is closed, so a
 client sees exactly what the hosted service did. Each authenticated connection is a
 `Session`. Nothing a client does (garbage handshakes, data frames, vanishing
@@ -30,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from bridge.errors import BridgeError
+from bridge.simulator import rest
 from bridge.simulator.auth import Credentials
 from bridge.simulator.fanout import Broadcast, FanoutSession
 from bridge.simulator.session import Session, peer
@@ -109,6 +111,7 @@ class Simulator:
         self.settings, self.credentials, self.source = settings, credentials, source
         self.clock = clock          # the world's time, for the notifications' datetimes
         self.stats = Stats()
+        self.rest = rest.Registry()     # what the events sent say about each object
         self.log = make_logger()
         self.broadcast = Broadcast(self) if settings.fanout else None
         self.sessions: dict[int, Session] = {}      # the latest SESSIONS_KEPT, for /stats
@@ -123,8 +126,11 @@ class Simulator:
             if user is not None:
                 ws.username = user
             return None
+        if path.startswith(rest.PREFIX):
+            return rest.respond(ws, request.path, request.headers, self.credentials,
+                                self.rest)
         if path == "/stats":
-            return _json_response(ws, self.stats_report())
+            return rest.json_response(ws, http.HTTPStatus.OK, self.stats_report())
         if path == "/healthz":
             return ws.respond(http.HTTPStatus.OK, "ok\n")
         return ws.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
@@ -208,13 +214,6 @@ class Simulator:
         while True:
             await asyncio.sleep(STATS_LOG_SECONDS)
             self.log.info("stats", **asdict(self.stats))
-
-
-def _json_response(ws: ServerConnection, body: dict) -> Response:
-    response = ws.respond(http.HTTPStatus.OK, json.dumps(body) + "\n")
-    del response.headers["Content-Type"]
-    response.headers["Content-Type"] = "application/json"
-    return response
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:

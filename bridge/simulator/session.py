@@ -119,11 +119,13 @@ class Session:
             self.sim.source.give_back(frames)
             raise ConnectionClosed(None, None)
         protocol, sequence = ws.protocol, self.sim.settings.sequence
+        events: list[bytes] = []
         valid = 0
         for frame in frames:
             payload = frame.payload
             if frame.valid:
                 valid += 1
+                events.append(payload)
                 if sequence:
                     payload = stamp(payload, stats.last_seq + valid)
             if frame.text:
@@ -134,6 +136,7 @@ class Session:
         stats.last_seq += valid
         stats.malformed += len(frames) - valid
         self.sent += valid
+        self.sim.rest.sent(events)
         self.pacer.sent(valid)
         ws.transport.write(b"".join(protocol.data_to_send()))
         # Wait while the client's socket is full (flow control); and yield even when it
