@@ -24,7 +24,7 @@ import time
 import pika.exceptions
 
 from bridge.config import add_arguments as add_setting_arguments
-from bridge.config import amqp_config, resolve
+from bridge.config import amqp_config, from_environment
 from bridge.errors import EXIT_OK, BridgeError, ConfigError
 from bridge.log import scrub
 from bridge.event import excerpt
@@ -149,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
     if args.queue and args.patterns:
         raise ConfigError("--queue reads a queue as it is bound: give no PATTERN with it "
                           "(tutum-bridge bind adds bindings)")
-    values = resolve(args, os.environ, broker.SETTINGS)
+    values = from_environment(args, broker.SETTINGS)
     amqp, secrets = amqp_config(values)
     printer = JsonPrinter(sys.stdout) if args.json else HumanPrinter(sys.stdout)
     try:
