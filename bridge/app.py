@@ -22,7 +22,7 @@ from bridge import log as logging_
 from bridge.errors import BridgeError, ConfigError
 from bridge.event import derive_headers
 from bridge.metrics import Metrics, MetricsServer
-from bridge.publisher import Publisher, Topology
+from bridge.publisher import Publisher
 from bridge.sink import SpoolingSink
 from bridge.spool import Spool
 from bridge.stream import StreamReader
@@ -61,7 +61,7 @@ class Bridge:
             spool.close()
             self._log.info("bridge.stopped", left_in_spool=spool.pending)
             return 0
-        publisher = Publisher(cfg.amqp, Topology(cfg.amqp.exchange, cfg.unrouted, cfg.quarantine),
+        publisher = Publisher(cfg.amqp, cfg.topology,
                               spool, inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
                               on_fatal=self._on_broker_fatal, log=logging_.get("publisher"),
                               metrics=self.metrics)

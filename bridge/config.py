@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import pika
 
 from bridge.errors import ConfigError
+from bridge.topology import QUEUE_TYPES, Topology
 
 DEFAULT_STREAM_HOST = "wss://stream.tutum.co"
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
@@ -222,6 +223,10 @@ TOPOLOGY_SETTINGS = (
             "tutum.unrouted", parse_exchange_name),
     Setting("quarantine", "BRIDGE_QUARANTINE", "queue for frames that are not valid events",
             "tutum.invalid", parse_exchange_name),
+    Setting("queue_type", "BRIDGE_QUEUE_TYPE",
+            "type of the bridge's own queues (unrouted, quarantine); quorum replicates them "
+            "on a cluster; an existing queue keeps its type",
+            "classic", parse_choice(*QUEUE_TYPES)),
 )
 
 RUN_SETTINGS = (
@@ -365,6 +370,7 @@ class Config:
     amqp: AmqpConfig
     unrouted: str
     quarantine: str
+    queue_type: str
     spool_path: Path
     spool_max_bytes: int
     spool_sync: str
@@ -375,6 +381,10 @@ class Config:
     log_level: str
     log_format: str
     secrets: tuple[str, ...] = field(repr=False, default=())
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.amqp.exchange, self.unrouted, self.quarantine, self.queue_type)
 
 
 def read_secret_file(path: Path, what: str) -> str:
@@ -463,6 +473,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
     return Config(
         stream=stream, amqp=amqp,
         unrouted=values["unrouted"], quarantine=values["quarantine"],
+        queue_type=values["queue_type"],
         spool_path=values["spool"] or state_dir / "spool.sqlite3",
         spool_max_bytes=values["spool_max_bytes"], spool_sync=values["spool_sync"],
         inflight=values["inflight"], reconnect_max=values["reconnect_max"],
