@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import pika
 
 from bridge.errors import ConfigError
-from bridge.topology import QUEUE_TYPES, Topology
+from bridge.topology import HISTORY_QUEUE, QUEUE_TYPES, Topology, history_spec
 
 DEFAULT_STREAM_HOST = "wss://stream.tutum.co"
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
@@ -124,6 +124,20 @@ def parse_exchange_name(text: str) -> str:
     if not text or len(text.encode()) > 255 or text.startswith("amq."):
         raise ValueError("expected a name of 1 to 255 bytes not starting with amq.")
     return text
+
+
+_RETENTION_UNITS = {"s": "s", "m": "m", "h": "h", "d": "D"}
+
+
+def parse_retention(text: str) -> str | None:
+    """`7d`, `12h`, `30m` -> RabbitMQ's `x-max-age` (`7D`, `12h`, `30m`); empty or `off` -> None."""
+    text = text.strip()
+    if text.lower() in ("", "off"):
+        return None
+    match = re.fullmatch(r"(\d+)([smhdD])", text)
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError("expected a retention such as 7d, 12h or 30m, or off")
+    return match.group(1) + _RETENTION_UNITS[match.group(2).lower()]
 
 
 def parse_existing_file(text: str) -> Path:
@@ -227,6 +241,11 @@ TOPOLOGY_SETTINGS = (
             "type of the bridge's own queues (unrouted, quarantine); quorum replicates them "
             "on a cluster; an existing queue keeps its type",
             "classic", parse_choice(*QUEUE_TYPES)),
+    Setting("history", "BRIDGE_HISTORY",
+            "keep every event this long on the stream queue BRIDGE_HISTORY_QUEUE, for replay "
+            "(7d, 12h; off: none)", "off", parse_retention, empty_means_off=True),
+    Setting("history_queue", "BRIDGE_HISTORY_QUEUE", "the history stream queue",
+            HISTORY_QUEUE, parse_exchange_name),
 )
 
 RUN_SETTINGS = (
@@ -371,6 +390,8 @@ class Config:
     unrouted: str
     quarantine: str
     queue_type: str
+    history: str | None
+    history_queue: str
     spool_path: Path
     spool_max_bytes: int
     spool_sync: str
@@ -384,7 +405,11 @@ class Config:
 
     @property
     def topology(self) -> Topology:
-        return Topology(self.amqp.exchange, self.unrouted, self.quarantine, self.queue_type)
+        topology = Topology(self.amqp.exchange, self.unrouted, self.quarantine, self.queue_type)
+        if self.history:
+            topology = topology.with_queues(history_spec(self.history_queue,
+                                                         self.amqp.exchange, self.history))
+        return topology
 
 
 def read_secret_file(path: Path, what: str) -> str:
@@ -474,6 +499,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         stream=stream, amqp=amqp,
         unrouted=values["unrouted"], quarantine=values["quarantine"],
         queue_type=values["queue_type"],
+        history=values["history"], history_queue=values["history_queue"],
         spool_path=values["spool"] or state_dir / "spool.sqlite3",
         spool_max_bytes=values["spool_max_bytes"], spool_sync=values["spool_sync"],
         inflight=values["inflight"], reconnect_max=values["reconnect_max"],
