@@ -23,6 +23,7 @@ from bridge.errors import BridgeError, ConfigError
 from bridge.event import derive_headers
 from bridge.metrics import Metrics, MetricsServer
 from bridge.publisher import Publisher
+from bridge.ha.node import HaNode
 from bridge.sink import SpoolingSink
 from bridge.spool import Spool
 from bridge.stream import StreamReader
@@ -51,6 +52,7 @@ class Bridge:
         self._fatal: BridgeError | None = None
         self._fatal_from_broker = False
         self.metrics = Metrics()
+        self.ha: HaNode | None = None       # BRIDGE_HA=on: the replica's role (`in_sync`)
 
     def run(self) -> int:
         cfg = self._cfg
@@ -61,11 +63,19 @@ class Bridge:
             spool.close()
             self._log.info("bridge.stopped", left_in_spool=spool.pending)
             return 0
+        # With HA the sink and the publisher see the spool through the replica's witness.
+        ha = HaNode(cfg.ha, cfg.amqp, spool, self.metrics, logging_.get("ha")) if cfg.ha else None
+        spooled = ha.spool if ha else spool
         publisher = Publisher(cfg.amqp, cfg.topology,
-                              spool, inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
+                              spooled, inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
                               on_fatal=self._on_broker_fatal, log=logging_.get("publisher"),
-                              metrics=self.metrics)
-        sink = SpoolingSink(spool, publisher.notify, self.metrics, logging_.get("stream"),
+                              metrics=self.metrics, paused=ha is not None)
+        if ha:
+            ha.attach(publisher)
+        else:
+            self.metrics.leader.set(1)
+        self.ha = ha
+        sink = SpoolingSink(spooled, publisher.notify, self.metrics, logging_.get("stream"),
                             max_frame_bytes=cfg.stream.max_frame_bytes,
                             stream_url=cfg.stream.redacted_url)
         stream = StreamReader(cfg.stream, sink, logging_.get("stream"))
@@ -76,10 +86,12 @@ class Bridge:
         server = self._start_metrics(spool, stream, publisher)
         self._log.info("bridge.starting", exchange=cfg.amqp.exchange, stream=cfg.stream.redacted_url,
                        brokers=cfg.amqp.redacted_urls, spool=str(spool.path),
-                       recovered=spool.recovered,
+                       recovered=spool.recovered, ha="on" if ha else "off",
                        metrics="%s:%d" % server.address[:2] if server else None)
 
         publisher.start()
+        if ha:
+            ha.start()
         stream_thread = threading.Thread(target=self._run_stream, args=(stream,), name="stream",
                                          daemon=True)
         stream_thread.start()
@@ -93,6 +105,8 @@ class Bridge:
             publisher.stop_now()
         else:
             publisher.drain_and_stop(cfg.shutdown_timeout)
+        if ha:
+            ha.stop()       # after the drain: a leader's last reports, then the lock
         left = spool.pending
         spool.close()
         if server is not None:
@@ -133,6 +147,8 @@ class Bridge:
                       "spool_full": not spool.has_room(),
                       "spool_maintenance_error": spool.maintenance_error,
                       "spool_last_checkpoint_at": spool.last_checkpoint_at}
+            if self.ha:
+                detail["ha"] = self.ha.describe()
             ok = (stream.state.value == "streaming" and publisher.connected and spool.has_room()
                   and spool.maintenance_error is None)
             return ok, detail

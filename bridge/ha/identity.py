@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 
-HEADER = "x-event-id"
+from bridge.event import IDENTITY_HEADER as HEADER
 WINDOW = 60.0           # seconds an identical body still counts as a repetition
 
 

@@ -39,6 +39,7 @@ EARLY_MAX = 100_000      # identities published before this replica received the
 EARLY_SECONDS = 30.0
 OFFER_AGAIN = 10.0       # seconds before a hole still unmatched is offered again
 OFFER_MAX = 500          # events in one offer
+OFFER_SPAN = 5000        # and all within this many sequence numbers (one spool read)
 
 
 class Witness:
@@ -120,7 +121,8 @@ class Witness:
         offer: list[int] = []
         with self._lock:
             for seq, _ in self._entries:
-                if seq >= self._high or len(offer) >= OFFER_MAX:
+                if seq >= self._high or len(offer) >= OFFER_MAX or (
+                        offer and seq - offer[0] >= OFFER_SPAN):
                     break
                 if seq in self._matched:
                     continue
