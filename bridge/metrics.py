@@ -93,6 +93,15 @@ class Metrics:
         self.spool_oldest_age = Gauge("tutum_bridge_spool_oldest_event_age_seconds",
                                       "Age of the oldest event not yet confirmed (0: none)",
                                       registry=r)
+        self.spool_unwritable = Gauge("tutum_bridge_spool_unwritable",
+                                      "1 while the spool's filesystem refuses writes (full)",
+                                      registry=r)
+        self.spool_errors = Counter("tutum_bridge_spool_errors",
+                                    "Spool writes or maintenance the disk refused (retried)",
+                                    ["operation"], registry=r)
+        self.spool_last_checkpoint = Gauge("tutum_bridge_spool_last_checkpoint_timestamp_seconds",
+                                           "When the spool's WAL was last checkpointed",
+                                           registry=r)
         self.backpressure = Gauge("tutum_bridge_backpressure",
                                   "1 while the spool is full and the stream is not read",
                                   registry=r)

@@ -34,7 +34,7 @@ from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
 from bridge.errors import BridgeError, BrokerRefused, TLSVerificationError
 from bridge.spool import Spool
-from bridge.topology import Topology, is_other_type
+from bridge.topology import Topology, is_other_type, is_stream
 
 READ_BATCH = 512
 CONFIRM_FLUSH_DELAY = 0.1     # seconds: confirms are removed from disk in batches
@@ -252,6 +252,12 @@ class Publisher:
         if (self.state is State.DECLARING and self._steps[self._step].keep_existing
                 and is_other_type(code, text)):
             return self._keep_existing_queue(text)
+        if self.state is State.DECLARING and is_stream(self._steps[self._step]):
+            return self._fatal(BrokerRefused(
+                f"the broker refused the history stream {self._steps[self._step].name!r} "
+                f"({text}): BRIDGE_HISTORY needs RabbitMQ 3.9 or later with the "
+                f"stream_queue feature flag enabled, and an existing stream of that name "
+                f"must have the same retention"))
         if code in (403, 406) and self.state is State.DECLARING:
             return self._fatal(BrokerRefused(
                 f"the broker refused the topology ({text}); an exchange or queue of that "

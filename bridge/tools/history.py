@@ -13,10 +13,11 @@ import re
 import time
 from datetime import datetime, timezone
 
-HISTORY_QUEUE = "tutum.history"
-# Brokers older than 3.9 have no streams; newer ones without the feature flag neither.
-NO_STREAMS = ("the broker has no stream queues (RabbitMQ 3.9 or later, with the "
-              "stream_queue feature flag enabled, is needed for history)")
+import pika.exceptions
+
+from bridge.errors import BrokerRefused
+from bridge.tools import broker
+from bridge.topology import HISTORY_QUEUE  # noqa: F401 - the readers' default
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SINCE = re.compile(r"\A(\d+)([smhd])\Z")
@@ -67,8 +68,13 @@ def _match(pattern: list[str], words: list[str]) -> bool:
     return (head == "*" or head == words[0]) and _match(rest, words[1:])
 
 
-def is_missing_streams(exc: BaseException) -> bool:
-    """Whether a broker's refusal to declare or consume a stream means it has none."""
-    text = str(exc).lower()
-    return "x-queue-type" in text or "stream" in text and ("unknown" in text or
-                                                           "not supported" in text)
+def open_stream(channel, name: str):
+    """Check the history stream exists (a missing one is a clear refusal); the channel."""
+    try:
+        channel.queue_declare(name, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            raise BrokerRefused(f"no history stream {name!r} on the broker: run the bridge "
+                                f"with BRIDGE_HISTORY (for example 7d)") from None
+        raise broker.refusal(exc, f"open the history stream {name!r}") from None
+    return channel

@@ -177,18 +177,6 @@ def _declare_dead_letter(channel, name: str):
     return channel
 
 
-def _open_history(channel, name: str):
-    """The channel to read the history stream on; a missing one is a clear refusal."""
-    try:
-        channel.queue_declare(name, passive=True)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == 404:
-            raise BrokerRefused(f"no history stream {name!r} on the broker: run the bridge "
-                                f"with BRIDGE_HISTORY (for example 7d)") from None
-        raise broker.refusal(exc, f"open the history stream {name!r}") from None
-    return channel
-
-
 def _dead_letter(channel, dead_letter: str, message: Message, properties,
                  attempts: int, error: BaseException) -> None:
     """Publish a copy to the dead-letter queue (confirmed) before the original is acked."""
@@ -282,7 +270,7 @@ def consume(patterns: Iterable[str], handler: Callable[[Message], object],
                     if dead_letter:
                         _declare_dead_letter(connection.channel(), dead_letter)
                     name = history_queue
-                    channel = _open_history(connection.channel(), name)
+                    channel = history.open_stream(connection.channel(), name)
                     arguments = {"x-stream-offset": offset}
                 dead_channel = connection.channel()
                 dead_channel.confirm_delivery()
