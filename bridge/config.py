@@ -3,7 +3,9 @@
 Each setting has an environment variable and a matching command-line flag; the flag
 wins. `load` validates everything at start, so a bad value is one clear line and exit
 code 2 before anything connects anywhere. Nothing else in the package reads
-`os.environ`.
+`os.environ`: settings come through `load` or `from_environment`, and the verbs that
+start child processes (demo, bench, the secret-flag re-exec) copy the environment
+with `child_environment`.
 
 Secrets (the API key, `TUTUM_AUTH`, the AMQP password) are kept in the returned
 `Config` but never in its `repr`, and `redact_url` is the only way a URL reaches a log.
@@ -309,6 +311,18 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str],
             shown = f" {text!r}" if s.echo and not s.secret else ""
             raise ConfigError(f"{source}:{shown} {exc}") from None
     return values
+
+
+def from_environment(args: argparse.Namespace,
+                     settings: tuple[Setting, ...]) -> dict[str, object]:
+    """`resolve` against this process's environment."""
+    return resolve(args, os.environ, settings)
+
+
+def child_environment(drop_prefixes: tuple[str, ...] = ()) -> dict[str, str]:
+    """A copy of this process's environment for a child, minus variables with these
+    prefixes (settings meant for this process, not for its children)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop_prefixes)}
 
 
 # --- the configuration of the `run` verb ---------------------------------------------

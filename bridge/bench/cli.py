@@ -24,7 +24,7 @@ import pika
 from bridge.bench.children import BenchError
 from bridge.bench.harness import BRIDGES, Bench, Settings
 from bridge.bench.report import ratios, table
-from bridge.config import Setting, parse_amqp_urls, redact_url, resolve
+from bridge.config import Setting, child_environment, from_environment, parse_amqp_urls, redact_url
 from bridge.config import add_arguments as add_settings
 from bridge.errors import ConfigError
 
@@ -105,7 +105,7 @@ def _interrupt(signum: int, _frame) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    amqp_url = resolve(args, os.environ, AMQP_SETTING)["amqp_url"][0]
+    amqp_url = from_environment(args, AMQP_SETTING)["amqp_url"][0]
     if args.json and not args.json.parent.is_dir():
         raise ConfigError(f"--json: no directory {args.json.parent} to write {args.json.name} in")
     if args.backlog and "real" not in args.bridges:
@@ -114,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
                         latency_seconds=args.latency_seconds, idle_seconds=args.idle_seconds,
                         bridges=args.bridges, skip_latency=args.skip_latency,
                         skip_idle=args.skip_idle, backlog=args.backlog)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP)}
+    base_env = child_environment(_CHILD_ENV_DROP)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with tempfile.TemporaryDirectory(prefix="tutum-bench-") as workdir:

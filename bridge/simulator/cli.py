@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import time
 from pathlib import Path
@@ -103,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    values = config.resolve(args, os.environ, CREDENTIAL_SETTINGS)
+    values = config.from_environment(args, CREDENTIAL_SETTINGS)
     if args.keyfile and not args.certfile:
         raise ConfigError("--keyfile needs --certfile")
     if args.stall_seconds is not None and not args.stall_after:

@@ -15,13 +15,12 @@ broker: exit 4 with its reason.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import pika.exceptions
 
 from bridge.config import add_arguments as add_setting_arguments
-from bridge.config import amqp_config, parse_exchange_name, resolve
+from bridge.config import amqp_config, from_environment, parse_exchange_name
 from bridge.errors import EXIT_OK, ConfigError
 from bridge.tools import broker
 from bridge.tools.tail import positive_int
@@ -50,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
                 parse_exchange_name(name)   # queue names follow the same rules
         except ValueError as exc:
             raise ConfigError(f"{what} {name!r}: {exc}") from None
-    values = resolve(args, os.environ, broker.SETTINGS)
+    values = from_environment(args, broker.SETTINGS)
     amqp, secrets = amqp_config(values)
     kind = "quorum" if args.quorum else "classic"
     # A classic queue is declared without x-queue-type, which also matches a classic

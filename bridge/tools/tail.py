@@ -28,7 +28,7 @@ import time
 
 import pika.exceptions
 
-from bridge.config import TOPOLOGY_SETTINGS, amqp_config, resolve
+from bridge.config import TOPOLOGY_SETTINGS, amqp_config, from_environment
 from bridge.config import add_arguments as add_setting_arguments
 from bridge.errors import EXIT_OK, BridgeError, ConfigError
 from bridge.log import scrub
@@ -170,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
     if args.queue and args.patterns:
         raise ConfigError("--queue reads a queue as it is bound: give no PATTERN with it "
                           "(tutum-bridge bind adds bindings)")
-    values = resolve(args, os.environ, SETTINGS)
+    values = from_environment(args, SETTINGS)
     args.history_queue = values["history_queue"]
     amqp, secrets = amqp_config(values)
     patterns = args.patterns or ["#"]
