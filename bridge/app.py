@@ -12,7 +12,6 @@ the spool and is published first at the next start.
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 import threading
@@ -21,13 +20,13 @@ import time
 from bridge import config as config_mod
 from bridge import log as logging_
 from bridge.errors import BridgeError, ConfigError
-from bridge.event import Event, Reason, excerpt, quarantine, classify
+from bridge.event import derive_headers
 from bridge.metrics import Metrics, MetricsServer
-from bridge.publisher import Publisher, Topology
+from bridge.publisher import Publisher
+from bridge.sink import SpoolingSink
 from bridge.spool import Spool
 from bridge.stream import StreamReader
 
-MAX_BATCH = 1000               # events handed to the spool in one transaction, at most
 PROGRESS_EVERY = 30.0          # seconds between progress lines
 
 
@@ -40,102 +39,6 @@ def main(args) -> int:
     logging_.set_secrets(cfg.secrets)
     logging_.configure(cfg.log_level, cfg.log_format)
     return Bridge(cfg).run()
-
-
-class SpoolingSink:
-    """Receives the stream's frames, turns them into events, and spools them in batches.
-
-    Also turns the stream's lifecycle into `bridge.connected` / `bridge.disconnected`
-    events, which travel through the spool like any other so they keep their place
-    in the order.
-    """
-
-    def __init__(self, spool: Spool, on_spooled, metrics: Metrics, log, *,
-                 max_frame_bytes: int, stream_url: str) -> None:
-        self._spool = spool
-        self._on_spooled = on_spooled
-        self._metrics = metrics
-        self._log = log
-        self._max_frame_bytes = max_frame_bytes
-        self._stream_url = stream_url
-        self._batch: list[Event] = []
-        self._quarantined = 0
-        # A restart is a gap too: from the last frame the previous run received.
-        self._lost_at: float | None = spool.previous_run_received_at
-        self._connections = 0
-        self.stopping = threading.Event()
-        self.spooled_total = 0
-        self._received = metrics.received.labels("event")
-        self._received_invalid = metrics.received.labels("quarantined")
-
-    def authenticated(self, at: float) -> None:
-        self._connections += 1
-        gap = None if self._lost_at is None else {
-            "lost_at": self._lost_at, "reconnected_at": at,
-            "seconds": round(at - self._lost_at, 3)}
-        self._lost_at = None
-        self._metrics.stream_connects.inc()
-        self._metrics.stream_connected.set(1)
-        self._add_bridge_event("connected", at, connected_at=at, gap=gap)
-
-    def lost(self, at: float, reason: str) -> None:
-        self._lost_at = at
-        self._metrics.stream_losses.inc()
-        self._metrics.stream_connected.set(0)
-        self._add_bridge_event("disconnected", at, lost_at=at, reason=reason)
-
-    def frame(self, payload: bytes, binary: bool, size: int, oversize: bool,
-              received_at: float) -> None:
-        if oversize:
-            event = quarantine(payload, received_at, Reason.OVERSIZE,
-                               f"{size} bytes, over the limit of {self._max_frame_bytes}",
-                               binary=binary, size=size)
-        else:
-            event = classify(payload, received_at, binary=binary)
-            if event is None:
-                return
-        if event.quarantined:
-            self._quarantined += 1
-            self._log.warning("frame.quarantined", reason=event.headers["x-quarantine-reason"],
-                              detail=event.headers["x-quarantine-detail"], size=size,
-                              excerpt=excerpt(payload))
-        self._batch.append(event)
-        if len(self._batch) >= MAX_BATCH:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._batch:
-            return
-        self._wait_for_room()
-        batch, self._batch = self._batch, []
-        self._spool.append(batch)
-        self._received.inc(len(batch) - self._quarantined)
-        self._received_invalid.inc(self._quarantined)
-        self.spooled_total += len(batch)
-        self._quarantined = 0
-        self._on_spooled()
-
-    def _wait_for_room(self) -> None:
-        """Backpressure: while the spool is full, the stream is not read."""
-        if self._spool.has_room():
-            return
-        self._metrics.backpressure.set(1)
-        self._log.warning("spool.full", bytes=self._spool.bytes, limit=self._spool.max_bytes,
-                          detail="not reading the stream until the broker takes events")
-        started = time.monotonic()
-        # On shutdown the batch in hand goes in regardless: it was read, so it is ours,
-        # and one batch over the bound is better than a lost event.
-        while not self._spool.wait_for_room(0.5) and not self.stopping.is_set():
-            pass
-        self._metrics.backpressure.set(0)
-        self._log.info("spool.resumed", waited_seconds=round(time.monotonic() - started, 1))
-
-    def _add_bridge_event(self, action: str, at: float, **fields) -> None:
-        body = {"type": "bridge", "action": action, "bridge_id": self._spool.id,
-                "stream": self._stream_url, "connection": self._connections, **fields}
-        self._batch.append(Event(f"bridge.{action}", json.dumps(body).encode(), at,
-                                 {"type": "bridge", "action": action}))
-        self.flush()
 
 
 class Bridge:
@@ -151,8 +54,14 @@ class Bridge:
 
     def run(self) -> int:
         cfg = self._cfg
+        # Before anything slow: a SIGTERM while the spool opens must stop the bridge.
+        self._install_signal_handlers()
         spool = self._open_spool()
-        publisher = Publisher(cfg.amqp, Topology(cfg.amqp.exchange, cfg.unrouted, cfg.quarantine),
+        if self._stop.is_set():
+            spool.close()
+            self._log.info("bridge.stopped", left_in_spool=spool.pending)
+            return 0
+        publisher = Publisher(cfg.amqp, cfg.topology,
                               spool, inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
                               on_fatal=self._on_broker_fatal, log=logging_.get("publisher"),
                               metrics=self.metrics)
@@ -162,8 +71,9 @@ class Bridge:
         stream = StreamReader(cfg.stream, sink, logging_.get("stream"))
         self.metrics.spool_events.set_function(lambda: spool.pending)
         self.metrics.spool_bytes.set_function(lambda: spool.bytes)
+        self.metrics.spool_unwritable.set_function(lambda: spool.unwritable)
+        self.metrics.spool_last_checkpoint.set_function(lambda: spool.last_checkpoint_at or 0)
         server = self._start_metrics(spool, stream, publisher)
-        self._install_signal_handlers()
         self._log.info("bridge.starting", exchange=cfg.amqp.exchange, stream=cfg.stream.redacted_url,
                        brokers=cfg.amqp.redacted_urls, spool=str(spool.path),
                        recovered=spool.recovered,
@@ -197,13 +107,20 @@ class Bridge:
     def _open_spool(self) -> Spool:
         cfg = self._cfg
         try:
-            spool = Spool(cfg.spool_path, cfg.spool_max_bytes, cfg.spool_sync)
+            spool = Spool(cfg.spool_path, cfg.spool_max_bytes, cfg.spool_sync,
+                          legacy_headers=derive_headers, on_error=self._on_spool_error)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the spool at {cfg.spool_path}: {exc}") from None
         if spool.recovered:
             self._log.warning("spool.recovered", events=spool.recovered,
                               detail="publishing events left by the previous run first")
         return spool
+
+    def _on_spool_error(self, operation: str, exc: Exception) -> None:
+        """A write the spool's disk refused, or failed maintenance: said, counted, retried."""
+        self.metrics.spool_errors.labels(operation).inc()
+        self._log.error("spool.error", operation=operation, error=str(exc),
+                        detail="retrying; nothing is lost meanwhile")
 
     def _start_metrics(self, spool: Spool, stream: StreamReader,
                        publisher: Publisher) -> MetricsServer | None:
@@ -213,8 +130,11 @@ class Bridge:
         def health() -> tuple[bool, dict]:
             detail = {"stream": stream.state.value, "broker": publisher.state.value,
                       "broker_blocked": publisher.blocked, "spool_events": spool.pending,
-                      "spool_full": not spool.has_room()}
-            ok = stream.state.value == "streaming" and publisher.connected and spool.has_room()
+                      "spool_full": not spool.has_room(),
+                      "spool_maintenance_error": spool.maintenance_error,
+                      "spool_last_checkpoint_at": spool.last_checkpoint_at}
+            ok = (stream.state.value == "streaming" and publisher.connected and spool.has_room()
+                  and spool.maintenance_error is None)
             return ok, detail
 
         try:

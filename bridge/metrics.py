@@ -47,6 +47,15 @@ class Metrics:
                                   registry=r)
         self.spool_bytes = Gauge("tutum_bridge_spool_bytes", "Bytes waiting in the spool",
                                  registry=r)
+        self.spool_unwritable = Gauge("tutum_bridge_spool_unwritable",
+                                      "1 while the spool's filesystem refuses writes (full)",
+                                      registry=r)
+        self.spool_errors = Counter("tutum_bridge_spool_errors",
+                                    "Spool writes or maintenance the disk refused (retried)",
+                                    ["operation"], registry=r)
+        self.spool_last_checkpoint = Gauge("tutum_bridge_spool_last_checkpoint_timestamp_seconds",
+                                           "When the spool's WAL was last checkpointed",
+                                           registry=r)
         self.backpressure = Gauge("tutum_bridge_backpressure",
                                   "1 while the spool is full and the stream is not read",
                                   registry=r)

@@ -22,7 +22,6 @@ import itertools
 import ssl
 import threading
 import time
-from dataclasses import dataclass
 
 import pika
 from pika.adapters.select_connection import IOLoop
@@ -34,18 +33,10 @@ from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
 from bridge.errors import BridgeError, BrokerRefused, TLSVerificationError
 from bridge.spool import Spool
+from bridge.topology import Topology, is_other_type, is_stream
 
 READ_BATCH = 512
 CONFIRM_FLUSH_DELAY = 0.1     # seconds: confirms are removed from disk in batches
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Names of what the bridge declares on the broker."""
-
-    exchange: str
-    unrouted: str
-    quarantine: str
 
 
 class State(enum.Enum):
@@ -78,6 +69,8 @@ class Publisher:
         self.blocked = False
         self._connection: pika.SelectConnection | None = None
         self._channel = None
+        self._steps = []          # the topology's declarations, and the one under way
+        self._step = 0
         self._ever_opened = False
         self._wakeup_pending = False
         self._draining_until: float | None = None
@@ -161,6 +154,7 @@ class Publisher:
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self.state = State.DECLARING
+        self._steps = self._topology.steps()
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, connection, error: Exception) -> None:
@@ -205,24 +199,27 @@ class Publisher:
     def _on_channel_open(self, channel) -> None:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
-        t = self._topology
-        steps = [
-            lambda cb: channel.exchange_declare(t.unrouted, "fanout", durable=True, callback=cb),
-            lambda cb: channel.queue_declare(t.unrouted, durable=True, callback=cb),
-            lambda cb: channel.queue_bind(t.unrouted, t.unrouted, "", callback=cb),
-            lambda cb: channel.exchange_declare(
-                t.exchange, "topic", durable=True,
-                arguments={"alternate-exchange": t.unrouted}, callback=cb),
-            lambda cb: channel.queue_declare(t.quarantine, durable=True, callback=cb),
-            lambda cb: channel.confirm_delivery(self._on_confirm, callback=cb),
-        ]
+        self._declare(0)
 
-        def run(index: int, _frame=None) -> None:
-            if index < len(steps):
-                steps[index](lambda frame: run(index + 1, frame))
-            else:
-                self._on_ready()
-        run(0)
+    def _declare(self, index: int) -> None:
+        """Apply the topology's steps one callback at a time, then enable confirms."""
+        self._step = index
+        if index < len(self._steps):
+            self._steps[index].apply(self._channel, callback=lambda _f: self._declare(index + 1))
+        else:
+            self._channel.confirm_delivery(self._on_confirm, callback=lambda _f: self._on_ready())
+
+    def _keep_existing_queue(self, reply_text: str) -> None:
+        """A queue of the bridge's exists with another type: keep it, on a new channel."""
+        step = self._steps[self._step]
+        self._log.warning("broker.queue_kept", queue=step.name, detail=reply_text)
+        self._steps[self._step] = step.passive()
+
+        def reopened(channel) -> None:
+            self._channel = channel
+            channel.add_on_close_callback(self._on_channel_closed)
+            self._declare(self._step)
+        self._connection.channel(on_open_callback=reopened)
 
     def _on_ready(self) -> None:
         self.state = State.OPEN
@@ -238,8 +235,17 @@ class Publisher:
     def _on_channel_closed(self, _channel, reason: Exception) -> None:
         self._channel = None
         code = getattr(reason, "reply_code", 0)
+        text = getattr(reason, "reply_text", str(reason))
+        if (self.state is State.DECLARING and self._steps[self._step].keep_existing
+                and is_other_type(code, text)):
+            return self._keep_existing_queue(text)
+        if self.state is State.DECLARING and is_stream(self._steps[self._step]):
+            return self._fatal(BrokerRefused(
+                f"the broker refused the history stream {self._steps[self._step].name!r} "
+                f"({text}): BRIDGE_HISTORY needs RabbitMQ 3.9 or later with the "
+                f"stream_queue feature flag enabled, and an existing stream of that name "
+                f"must have the same retention"))
         if code in (403, 406) and self.state is State.DECLARING:
-            text = getattr(reason, "reply_text", str(reason))
             return self._fatal(BrokerRefused(
                 f"the broker refused the topology ({text}); an exchange or queue of that "
                 f"name exists with another type or arguments"))

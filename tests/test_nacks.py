@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 from tests.support import procs
-from tests.support.broker import connect, drain, queue_depth, unique
+from tests.support.broker import drain, queue_depth
 from tests.support.wait import wait_for
 
 CAPACITY = 20
@@ -24,15 +24,8 @@ EVENTS = 60
 
 
 def test_nacked_events_are_republished_in_order(simulator, bridge, topology):
-    queue = unique("t-q-full")
-    topology.queues.append(queue)
-    with connect() as conn:
-        ch = conn.channel()
-        ch.exchange_declare(topology.exchange, "topic", durable=True,
-                            arguments={"alternate-exchange": topology.unrouted})
-        ch.queue_declare(queue, durable=True, arguments={
-            "x-max-length": CAPACITY, "x-overflow": "reject-publish"})
-        ch.queue_bind(queue, topology.exchange, "#")
+    queue = topology.bind("#", arguments={"x-max-length": CAPACITY,
+                                          "x-overflow": "reject-publish"})
 
     sim = simulator("--seed", "9", "--count", str(EVENTS), "--rate", "0", "--sequence")
     proc = bridge(sim, BRIDGE_METRICS_ADDR="127.0.0.1:0")

@@ -29,7 +29,7 @@ from bridge.bench import plot
 from bridge.bench.children import BenchError
 from bridge.bench.harness import BRIDGES, CEILINGS, Bench, Settings
 from bridge.bench.report import ratios, table
-from bridge.config import Setting, parse_amqp_urls, redact_url, resolve
+from bridge.config import Setting, child_environment, from_environment, parse_amqp_urls, redact_url
 from bridge.config import add_arguments as add_settings
 from bridge.errors import ConfigError
 
@@ -137,7 +137,7 @@ def _interrupt(signum: int, _frame) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    amqp_url = resolve(args, os.environ, AMQP_SETTING)["amqp_url"][0]
+    amqp_url = from_environment(args, AMQP_SETTING)["amqp_url"][0]
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path and not path.parent.is_dir():
             raise ConfigError(f"{flag}: no directory {path.parent} to write {path.name} in")
@@ -151,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
                         skip_idle=args.skip_idle, backlog=args.backlog,
                         soak_seconds=args.soak or 0.0, soak_rate=args.soak_rate,
                         sample_seconds=args.sample_seconds)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP)}
+    base_env = child_environment(_CHILD_ENV_DROP)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with tempfile.TemporaryDirectory(prefix="tutum-bench-") as workdir:

@@ -2,8 +2,8 @@
 
 Every bridge publishes to the same exchange and every measurement reads the same
 durable queue bound with `#`, as a production worker's would be, so the bridges are
-compared on equal terms. The exchange is declared as the real bridge declares it
-(topic, durable, with its alternate exchange), so the bridge's own declaration agrees.
+compared on equal terms. Everything is declared from the bridge's own topology
+(bridge/topology.py) with that queue added, so the bridge's declaration agrees.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 
 import pika
+
+from bridge import topology
 
 
 @dataclass(frozen=True)
@@ -34,17 +36,18 @@ class Topology:
     def queue(self) -> str:
         return f"{self.prefix}.all"
 
+    @property
+    def spec(self) -> topology.Topology:
+        return topology.Topology(self.exchange, self.unrouted, self.quarantine).with_queues(
+            topology.QueueSpec(self.queue, ((self.exchange, "#"),)))
+
     def names(self) -> dict[str, str]:
         return {"exchange": self.exchange, "unrouted": self.unrouted,
                 "quarantine": self.quarantine, "queue": self.queue}
 
     def declare(self, url: str) -> None:
         with pika.BlockingConnection(pika.URLParameters(url)) as conn:
-            ch = conn.channel()
-            ch.exchange_declare(self.exchange, "topic", durable=True,
-                                arguments={"alternate-exchange": self.unrouted})
-            ch.queue_declare(self.queue, durable=True)
-            ch.queue_bind(self.queue, self.exchange, "#")
+            topology.declare(conn.channel(), self.spec.steps())
 
     def purge(self, url: str) -> None:
         """Empties the queue between measurements, so none sees another's leftovers."""
@@ -54,8 +57,4 @@ class Topology:
     def delete(self, url: str) -> None:
         """Deletes everything of this run, including what the real bridge declared."""
         with pika.BlockingConnection(pika.URLParameters(url)) as conn:
-            ch = conn.channel()
-            for queue in (self.queue, self.unrouted, self.quarantine):
-                ch.queue_delete(queue)
-            for exchange in (self.exchange, self.unrouted):
-                ch.exchange_delete(exchange)
+            topology.delete(conn.channel(), self.spec)

@@ -1,7 +1,8 @@
 """The Tutum-compatible stream server: HTTP routes, authentication, lifecycle, counters.
 
-`GET /v1/events` upgrades to a websocket; `GET /stats` answers JSON counters;
-`GET /healthz` answers 200; anything else 404. A websocket with bad credentials still
+`GET /v1/events` upgrades to a websocket; `GET /api/v1/...` is the REST side
+(`rest.py`); `GET /stats` answers JSON counters; `GET /healthz` answers 200; anything
+else 404. A websocket with bad credentials still
 completes its handshake, gets Tutum's UNAUTHORIZED error frame and is closed, so a
 client sees exactly what the hosted service did. Each authenticated connection is a
 `Session`. Nothing a client does (garbage handshakes, data frames, vanishing
@@ -30,12 +31,15 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from bridge.errors import BridgeError
+from bridge.simulator import rest
 from bridge.simulator.auth import Credentials
+from bridge.simulator.fanout import Broadcast, FanoutSession
 from bridge.simulator.session import Session, peer
 from bridge.simulator.source import Source
 
 EVENTS_PATHS = ("/v1/events", "/v1/events/")
 STATS_LOG_SECONDS = 10.0
+SESSIONS_KEPT = 1000        # connections /stats reports on, the latest
 SHUTDOWN_SECONDS = 1.0      # for clients to answer the closing handshake
 
 
@@ -54,6 +58,7 @@ class Settings:
     certfile: Path | None = None
     keyfile: Path | None = None
     seed: int = 0
+    fanout: bool = False                # every open connection gets every event (fanout.py)
 
 
 @dataclass
@@ -65,7 +70,7 @@ class Stats:
     connections: int = 0    # authenticated connections so far
     active: int = 0         # authenticated connections open now
     rejected: int = 0       # failed logins
-    last_seq: int = 0       # the last sim_seq given (= sent)
+    last_seq: int = 0       # the last sim_seq given (= sent; with --fanout, events happened)
 
 
 def make_logger():
@@ -106,7 +111,10 @@ class Simulator:
         self.settings, self.credentials, self.source = settings, credentials, source
         self.clock = clock          # the world's time, for the notifications' datetimes
         self.stats = Stats()
+        self.rest = rest.Registry()     # what the events sent say about each object
         self.log = make_logger()
+        self.broadcast = Broadcast(self) if settings.fanout else None
+        self.sessions: dict[int, Session] = {}      # the latest SESSIONS_KEPT, for /stats
 
     # --- HTTP -----------------------------------------------------------------------
 
@@ -118,11 +126,19 @@ class Simulator:
             if user is not None:
                 ws.username = user
             return None
+        if path.startswith(rest.PREFIX):
+            return rest.respond(ws, request.path, request.headers, self.credentials,
+                                self.rest)
         if path == "/stats":
-            return _json_response(ws, asdict(self.stats))
+            return rest.json_response(ws, http.HTTPStatus.OK, self.stats_report())
         if path == "/healthz":
             return ws.respond(http.HTTPStatus.OK, "ok\n")
         return ws.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    def stats_report(self) -> dict:
+        """The counters, and per connection what it was sent."""
+        return {**asdict(self.stats),
+                "per_connection": {str(n): s.report() for n, s in self.sessions.items()}}
 
     # --- websocket ----------------------------------------------------------------------
 
@@ -134,7 +150,11 @@ class Simulator:
                 return
             self.stats.connections += 1
             self.stats.active += 1
-            session = Session(self, ws, self.stats.connections, user)
+            number = self.stats.connections
+            session = (FanoutSession(self, ws, number, user, self.broadcast) if self.broadcast
+                       else Session(self, ws, number, user))
+            self.sessions[number] = session
+            self.sessions.pop(number - SESSIONS_KEPT, None)
             session.log.info("connected", user=user)
             try:
                 await session.run()
@@ -194,13 +214,6 @@ class Simulator:
         while True:
             await asyncio.sleep(STATS_LOG_SECONDS)
             self.log.info("stats", **asdict(self.stats))
-
-
-def _json_response(ws: ServerConnection, body: dict) -> Response:
-    response = ws.respond(http.HTTPStatus.OK, json.dumps(body) + "\n")
-    del response.headers["Content-Type"]
-    response.headers["Content-Type"] = "application/json"
-    return response
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -70,6 +70,10 @@ class Session:
             discard.cancel()
             self._enter(Phase.CLOSED, code=_close_code(self.ws))
 
+    def report(self) -> dict:
+        """What `/stats` says about this connection."""
+        return {"sent": self.sent, "open": self.phase is not Phase.CLOSED}
+
     async def _greet(self) -> None:
         rng = Random(f"{self.sim.settings.seed}-notifications-{self.number}")
         await self.ws.send(json.dumps({"type": "auth", "user": self.user}))
@@ -115,13 +119,15 @@ class Session:
             self.sim.source.give_back(frames)
             raise ConnectionClosed(None, None)
         protocol, sequence = ws.protocol, self.sim.settings.sequence
+        events: list[bytes] = []
         valid = 0
         for frame in frames:
             payload = frame.payload
             if frame.valid:
                 valid += 1
+                events.append(payload)
                 if sequence:
-                    payload = _stamp(payload, stats.last_seq + valid)
+                    payload = stamp(payload, stats.last_seq + valid)
             if frame.text:
                 protocol.send_text(payload)
             else:
@@ -130,6 +136,7 @@ class Session:
         stats.last_seq += valid
         stats.malformed += len(frames) - valid
         self.sent += valid
+        self.sim.rest.sent(events)
         self.pacer.sent(valid)
         ws.transport.write(b"".join(protocol.data_to_send()))
         # Wait while the client's socket is full (flow control); and yield even when it
@@ -168,7 +175,7 @@ class Session:
             raise ConnectionClosed(None, None)
 
 
-def _stamp(payload: bytes, seq: int) -> bytes:
+def stamp(payload: bytes, seq: int) -> bytes:
     """The event with `sim_seq` and `sim_sent_at` appended to its JSON object."""
     return b"%s, \"sim_seq\": %d, \"sim_sent_at\": %.6f}" % (
         payload[:payload.rindex(b"}")], seq, time.time())

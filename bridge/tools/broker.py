@@ -20,6 +20,7 @@ import pika.exceptions
 from bridge.config import AMQP_SETTINGS, TOPOLOGY_SETTINGS, AmqpConfig
 from bridge.errors import BridgeError, BrokerRefused
 from bridge.log import scrub
+from bridge.topology import exchange_steps
 
 # The settings every tool shares: where the broker is, the exchange, and the alternate
 # exchange the bridge declares it with (needed to declare it the same way).
@@ -72,15 +73,14 @@ def refusal(exc: pika.exceptions.AMQPError, what: str) -> BridgeError:
 
 
 def declare_exchange(channel, exchange: str, unrouted: str) -> None:
-    """Declare the events exchange exactly as the bridge does (topic, durable, with its
-    alternate exchange), so a tool works before the bridge ever ran and never creates
-    an exchange the bridge would then refuse. Another type is exit 4."""
-    try:
-        channel.exchange_declare(exchange, "topic", durable=True,
-                                 arguments={"alternate-exchange": unrouted})
-    except pika.exceptions.AMQPError as exc:
-        raise refusal(exc, f"declare exchange {exchange!r} (topic, durable, "
-                           f"alternate-exchange {unrouted!r})") from None
+    """Declare the exchanges exactly as the bridge does (bridge/topology.py), so a tool
+    works before the bridge ever ran and never creates an exchange the bridge would
+    then refuse. Another type is exit 4."""
+    for step in exchange_steps(exchange, unrouted):
+        try:
+            step.apply(channel)
+        except pika.exceptions.AMQPError as exc:
+            raise refusal(exc, step.describe()) from None
 
 
 def close(connection: pika.BlockingConnection) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import pika
 
+from bridge import topology
+
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
@@ -29,38 +31,39 @@ class Received:
 
 @dataclass
 class Topology:
-    """Unique exchange and queue names for one test; `cleanup` deletes them all."""
+    """Unique exchange and queue names for one test; `cleanup` deletes them all.
+
+    What is declared, and how, comes from the bridge's own `bridge.topology`.
+    """
 
     exchange: str = field(default_factory=lambda: unique("t-events"))
     unrouted: str = field(default_factory=lambda: unique("t-unrouted"))
     quarantine: str = field(default_factory=lambda: unique("t-invalid"))
     queues: list[str] = field(default_factory=list)
 
+    @property
+    def spec(self) -> topology.Topology:
+        return topology.Topology(self.exchange, self.unrouted, self.quarantine)
+
     def bridge_env(self) -> dict[str, str]:
         return {"BRIDGE_EXCHANGE": self.exchange, "BRIDGE_UNROUTED": self.unrouted,
                 "BRIDGE_QUARANTINE": self.quarantine}
 
-    def bind(self, *patterns: str, url: str = AMQP_URL) -> str:
-        """A durable queue bound to the exchange (declared here if the bridge has not yet)."""
+    def bind(self, *patterns: str, url: str = AMQP_URL, arguments: dict | None = None) -> str:
+        """A durable queue (with `arguments`) bound to the exchange, which is declared
+        here as the bridge declares it if the bridge has not yet."""
         name = unique("t-q")
         self.queues.append(name)
+        queue = topology.QueueSpec(name, tuple((self.exchange, p) for p in patterns),
+                                   tuple((arguments or {}).items()))
         with connect(url) as conn:
-            ch = conn.channel()
-            ch.exchange_declare(self.exchange, "topic", durable=True,
-                                arguments={"alternate-exchange": self.unrouted})
-            ch.queue_declare(name, durable=True)
-            for pattern in patterns:
-                ch.queue_bind(name, self.exchange, pattern)
+            topology.declare(conn.channel(), self.spec.with_queues(queue).steps())
         return name
 
     def cleanup(self, url: str = AMQP_URL) -> None:
         try:
             with connect(url) as conn:
-                ch = conn.channel()
-                for q in self.queues + [self.unrouted, self.quarantine]:
-                    ch.queue_delete(q)
-                for ex in (self.exchange, self.unrouted):
-                    ch.exchange_delete(ex)
+                topology.delete(conn.channel(), self.spec, tuple(self.queues))
         except pika.exceptions.AMQPError:
             pass
 

@@ -64,6 +64,7 @@ def test_defaults(tmp_path):
     assert cfg.amqp.exchange == "tutum.events"
     assert cfg.unrouted == "tutum.unrouted"
     assert cfg.quarantine == "tutum.invalid"
+    assert cfg.queue_type == "classic"
     assert cfg.metrics_addr == ("127.0.0.1", 9120)
     assert (cfg.log_level, cfg.log_format) == ("info", "json")
     assert cfg.stream.max_frame_bytes == 1024 * 1024
@@ -82,6 +83,7 @@ def test_defaults(tmp_path):
     ("BRIDGE_INFLIGHT", "--inflight", "7", "9", lambda c: c.inflight),
     ("BRIDGE_QUARANTINE", "--quarantine", "q-env", "q-flag", lambda c: c.quarantine),
     ("BRIDGE_UNROUTED", "--unrouted", "u-env", "u-flag", lambda c: c.unrouted),
+    ("BRIDGE_QUEUE_TYPE", "--queue-type", "quorum", "classic", lambda c: c.topology.queue_type),
     ("AMQP_URL", "--amqp-url", "amqp://env-host/", "amqp://flag-host/",
      lambda c: urlsplit(c.amqp.urls[0]).hostname),
     ("TUTUM_USER", "--user", "env-user", "flag-user",
@@ -212,6 +214,7 @@ def test_secrets_stay_out_of_the_config_repr(env):
     ("BRIDGE_SPOOL_MAX_BYTES", "lots"),
     ("BRIDGE_SPOOL_MAX_BYTES", "0"),
     ("BRIDGE_SPOOL_SYNC", "sometimes"),
+    ("BRIDGE_QUEUE_TYPE", "stream"),
     ("BRIDGE_MAX_FRAME_BYTES", "1XB"),
     ("BRIDGE_PING_INTERVAL", "-1"),
     ("BRIDGE_PING_TIMEOUT", "soon"),
