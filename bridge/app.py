@@ -28,6 +28,7 @@ from bridge.spool import Spool
 from bridge.stream import StreamReader
 
 PROGRESS_EVERY = 30.0          # seconds between progress lines
+SPOOL_ERROR_LOG_EVERY = 10.0   # seconds between log lines of the same spool error
 
 
 def add_arguments(parser) -> None:
@@ -51,6 +52,7 @@ class Bridge:
         self._fatal: BridgeError | None = None
         self._fatal_from_broker = False
         self.metrics = Metrics()
+        self._spool_errors_said: dict[str, tuple[float, int]] = {}   # operation -> (when, since)
 
     def run(self) -> int:
         cfg = self._cfg
@@ -117,9 +119,16 @@ class Bridge:
         return spool
 
     def _on_spool_error(self, operation: str, exc: Exception) -> None:
-        """A write the spool's disk refused, or failed maintenance: said, counted, retried."""
+        """A write the spool's disk refused, or failed maintenance: counted every time,
+        said once per SPOOL_ERROR_LOG_EVERY and operation (it is retried twice a second)."""
         self.metrics.spool_errors.labels(operation).inc()
-        self._log.error("spool.error", operation=operation, error=str(exc),
+        now = time.monotonic()
+        last, repeated = self._spool_errors_said.get(operation, (None, 0))
+        if last is not None and now - last < SPOOL_ERROR_LOG_EVERY:
+            self._spool_errors_said[operation] = (last, repeated + 1)
+            return
+        self._spool_errors_said[operation] = (now, 0)
+        self._log.error("spool.error", operation=operation, error=str(exc), repeated=repeated,
                         detail="retrying; nothing is lost meanwhile")
 
     def _start_metrics(self, spool: Spool, stream: StreamReader,
