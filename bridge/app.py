@@ -21,14 +21,20 @@ from bridge import config as config_mod
 from bridge import log as logging_
 from bridge.errors import BridgeError, ConfigError
 from bridge.event import derive_headers
+from bridge.health import Health
 from bridge.metrics import Metrics, MetricsServer
 from bridge.publisher import Publisher
 from bridge.sink import SpoolingSink
 from bridge.spool import Spool
-from bridge.stream import StreamReader
+from bridge.stream import AUTH_TIMEOUT, CONNECT_TIMEOUT, State as StreamState, StreamReader
 
 PROGRESS_EVERY = 30.0          # seconds between progress lines
 SPOOL_ERROR_LOG_EVERY = 10.0   # seconds between log lines of the same spool error
+# Liveness budgets (bridge/health.py): the longest a thread may go between two beats
+# without being stuck, with room for a loaded machine.
+MAIN_BUDGET = 15.0
+PUBLISHER_BUDGET = 30.0
+STUCK_MARGIN = 30.0
 
 
 def add_arguments(parser) -> None:
@@ -53,6 +59,8 @@ class Bridge:
         self._fatal_from_broker = False
         self.metrics = Metrics()
         self._spool_errors_said: dict[str, tuple[float, int]] = {}   # operation -> (when, since)
+        self.live = Health()
+        self.ready = Health()
 
     def run(self) -> int:
         cfg = self._cfg
@@ -63,18 +71,18 @@ class Bridge:
             spool.close()
             self._log.info("bridge.stopped", left_in_spool=spool.pending)
             return 0
+        main_heart = self.live.heart("main", MAIN_BUDGET)
+        publisher_heart = self.live.heart("publisher", PUBLISHER_BUDGET)
         publisher = Publisher(cfg.amqp, cfg.topology,
                               spool, inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
                               on_fatal=self._on_broker_fatal, log=logging_.get("publisher"),
-                              metrics=self.metrics)
+                              metrics=self.metrics, beat=publisher_heart.beat)
+        stream_heart = self.live.heart("stream", stream_budget(cfg.stream))
         sink = SpoolingSink(spool, publisher.notify, self.metrics, logging_.get("stream"),
                             max_frame_bytes=cfg.stream.max_frame_bytes,
-                            stream_url=cfg.stream.redacted_url)
-        stream = StreamReader(cfg.stream, sink, logging_.get("stream"))
-        self.metrics.spool_events.set_function(lambda: spool.pending)
-        self.metrics.spool_bytes.set_function(lambda: spool.bytes)
-        self.metrics.spool_unwritable.set_function(lambda: spool.unwritable)
-        self.metrics.spool_last_checkpoint.set_function(lambda: spool.last_checkpoint_at or 0)
+                            stream_url=cfg.stream.redacted_url, beat=stream_heart.beat)
+        stream = StreamReader(cfg.stream, sink, logging_.get("stream"), beat=stream_heart.beat)
+        self._observe(spool, publisher, stream)
         server = self._start_metrics(spool, stream, publisher)
         self._log.info("bridge.starting", exchange=cfg.amqp.exchange, stream=cfg.stream.redacted_url,
                        brokers=cfg.amqp.redacted_urls, spool=str(spool.path),
@@ -85,8 +93,12 @@ class Bridge:
         stream_thread = threading.Thread(target=self._run_stream, args=(stream,), name="stream",
                                          daemon=True)
         stream_thread.start()
-        self._wait_and_report(sink, spool)
+        self._wait_and_report(sink, spool, main_heart)
 
+        # Shutdown takes as long as it takes (bounded by BRIDGE_SHUTDOWN_TIMEOUT): a
+        # probe must not call it stuck.
+        for heart in (main_heart, stream_heart, publisher_heart):
+            heart.stop()
         self._log.info("bridge.stopping", pending=spool.pending)
         sink.stopping.set()
         stream.stop()
@@ -96,9 +108,9 @@ class Bridge:
         else:
             publisher.drain_and_stop(cfg.shutdown_timeout)
         left = spool.pending
-        spool.close()
         if server is not None:
-            server.stop()
+            server.stop()         # before the spool closes: a scrape reads the spool
+        spool.close()
         self._log.info("bridge.stopped", left_in_spool=left)
         if self._fatal is not None:
             raise self._fatal
@@ -118,6 +130,23 @@ class Bridge:
                               detail="publishing events left by the previous run first")
         return spool
 
+    def _observe(self, spool: Spool, publisher: Publisher, stream: StreamReader) -> None:
+        """The gauges read at scrape time, and the checks of the probes."""
+        m, cfg = self.metrics, self._cfg
+        m.spool_events.set_function(lambda: spool.pending)
+        m.spool_bytes.set_function(lambda: spool.bytes)
+        m.spool_unwritable.set_function(lambda: spool.unwritable)
+        m.spool_last_checkpoint.set_function(lambda: spool.last_checkpoint_at or 0)
+        m.spool_capacity.set(cfg.spool_max_bytes)
+        m.inflight_limit.set(cfg.inflight)
+        m.spool_oldest_age.set_function(lambda: oldest_age(spool))
+        # A spool that cannot checkpoint is not fixed by waiting; a restart may fix it.
+        self.live.add_check("spool", lambda: spool.maintenance_error)
+        self.ready.add_check("stream", lambda: None if stream.state is StreamState.STREAMING
+                             else f"the stream is {stream.state.value}, not authenticated")
+        self.ready.add_check("broker", lambda: None if publisher.connected
+                             else f"the broker connection is {publisher.state.value}, not open")
+
     def _on_spool_error(self, operation: str, exc: Exception) -> None:
         """A write the spool's disk refused, or failed maintenance: counted every time,
         said once per SPOOL_ERROR_LOG_EVERY and operation (it is retried twice a second)."""
@@ -136,18 +165,15 @@ class Bridge:
         if self._cfg.metrics_addr is None:
             return None
 
-        def health() -> tuple[bool, dict]:
-            detail = {"stream": stream.state.value, "broker": publisher.state.value,
-                      "broker_blocked": publisher.blocked, "spool_events": spool.pending,
-                      "spool_full": not spool.has_room(),
-                      "spool_maintenance_error": spool.maintenance_error,
-                      "spool_last_checkpoint_at": spool.last_checkpoint_at}
-            ok = (stream.state.value == "streaming" and publisher.connected and spool.has_room()
-                  and spool.maintenance_error is None)
-            return ok, detail
+        def ready() -> tuple[bool, dict]:
+            return self.ready.check(stream=stream.state.value, broker=publisher.state.value,
+                                    broker_blocked=publisher.blocked,
+                                    spool_events=spool.pending, spool_full=not spool.has_room(),
+                                    spool_last_checkpoint_at=spool.last_checkpoint_at)
 
+        probes = {"/livez": self.live.check, "/readyz": ready, "/healthz": ready}
         try:
-            server = MetricsServer(self.metrics, self._cfg.metrics_addr, health)
+            server = MetricsServer(self.metrics, self._cfg.metrics_addr, probes)
         except OSError as exc:
             host, port = self._cfg.metrics_addr
             raise ConfigError(f"BRIDGE_METRICS_ADDR {host}:{port}: {exc.strerror}") from None
@@ -182,12 +208,28 @@ class Bridge:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
 
-    def _wait_and_report(self, sink: SpoolingSink, spool: Spool) -> None:
-        """Wait for a stop; meanwhile log throughput now and then."""
+    def _wait_and_report(self, sink: SpoolingSink, spool: Spool, heart) -> None:
+        """Wait for a stop, beating; meanwhile log throughput now and then."""
         last_time, last_count = time.monotonic(), 0
-        while not self._stop.wait(PROGRESS_EVERY):
+        while not self._stop.wait(1.0):
+            heart.beat()
             now, count = time.monotonic(), sink.spooled_total
+            if now - last_time < PROGRESS_EVERY:
+                continue
             self._log.info("bridge.progress", received=count,
                            per_second=round((count - last_count) / (now - last_time), 1),
                            spool_events=spool.pending, spool_bytes=spool.bytes)
             last_time, last_count = now, count
+
+
+def stream_budget(stream: config_mod.StreamConfig) -> float:
+    """The longest the stream thread may go between beats: its longest single wait (a
+    reconnect backoff, a connect, the auth frame, a ping and its pong), plus a margin."""
+    return max(stream.reconnect_max, CONNECT_TIMEOUT, AUTH_TIMEOUT,
+               stream.ping_interval + stream.ping_timeout) + STUCK_MARGIN
+
+
+def oldest_age(spool: Spool) -> float:
+    """Seconds since the oldest unconfirmed event was received; 0 with none waiting."""
+    oldest = spool.read(spool.confirmed + 1, 1)
+    return max(0.0, time.time() - oldest[0][1].received_at) if oldest else 0.0

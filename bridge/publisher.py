@@ -22,6 +22,7 @@ import itertools
 import ssl
 import threading
 import time
+from typing import Callable
 
 import pika
 from pika.adapters.select_connection import IOLoop
@@ -37,6 +38,7 @@ from bridge.topology import Topology, is_other_type, is_stream
 
 READ_BATCH = 512
 CONFIRM_FLUSH_DELAY = 0.1     # seconds: confirms are removed from disk in batches
+BEAT_EVERY = 1.0              # seconds between the IOLoop's liveness beats
 
 
 class State(enum.Enum):
@@ -52,7 +54,9 @@ class Publisher:
     """Drains the spool into the broker; reconnects forever unless refused outright."""
 
     def __init__(self, amqp: AmqpConfig, topology: Topology, spool: Spool, *,
-                 inflight: int, reconnect_max: float, on_fatal, log, metrics) -> None:
+                 inflight: int, reconnect_max: float, on_fatal, log, metrics,
+                 beat: Callable[[], None] = lambda: None) -> None:
+        self._beat = beat             # liveness: the IOLoop calls it every BEAT_EVERY
         self._amqp = amqp
         self._topology = topology
         self._spool = spool
@@ -113,6 +117,7 @@ class Publisher:
 
     def _run(self) -> None:
         self._ioloop.add_callback_threadsafe(self._connect)
+        self._ioloop.add_callback_threadsafe(self._tick)
         while True:
             try:
                 self._ioloop.start()
@@ -128,6 +133,12 @@ class Publisher:
                 self._closed_then_retry()
             except Exception as exc:  # noqa: BLE001 - a bug must stop the bridge, not hang it
                 return self._crashed(exc)
+
+    def _tick(self) -> None:
+        """Beat from inside the IOLoop: proves the loop runs callbacks, not only that the
+        thread exists."""
+        self._beat()
+        self._ioloop.call_later(BEAT_EVERY, self._tick)
 
     def _crashed(self, exc: Exception) -> None:
         self._log.exception("publisher.crashed")
@@ -184,6 +195,7 @@ class Publisher:
             return
         if self.state is not State.CLOSING:
             self._log.warning("broker.lost", reason=_describe(reason))
+            self._metrics.broker_losses.inc()
         self._closed_then_retry()
 
     def _closed_then_retry(self) -> None:
@@ -228,6 +240,7 @@ class Publisher:
         self._next_tag = 1
         self._cursor = self._confirmed + 1
         self._metrics.broker_connected.set(1)
+        self._metrics.broker_connects.inc()
         self._log.info("broker.ready", exchange=self._topology.exchange,
                        republishing=max(0, self._published_max - self._confirmed))
         self._pump()
@@ -252,6 +265,7 @@ class Publisher:
         if self.state in (State.CLOSING, State.STOPPED):
             return
         self._log.warning("broker.channel_lost", reason=_describe(reason))
+        self._metrics.broker_losses.inc()
         self._close_connection()
 
     def _on_blocked(self, _connection, _frame) -> None:
@@ -282,7 +296,7 @@ class Publisher:
         exchange, quarantine = self._topology.exchange, self._topology.quarantine
         spool, connection = self._spool, self._connection
         channel_number, frame_max = self._channel.channel_number, connection.params.frame_max
-        published = 0
+        published = republished = 0
         while True:
             room = self._inflight - len(self._unconfirmed)
             if room <= 0:
@@ -295,6 +309,7 @@ class Publisher:
                 headers = ev.headers
                 if seq <= self._published_max:
                     headers = {**headers, "x-republished": True}
+                    republished += 1
                 wire.append(encode_publish(
                     channel_number, "" if ev.quarantined else exchange,
                     quarantine if ev.quarantined else ev.routing_key, ev.body,
@@ -303,11 +318,13 @@ class Publisher:
                 self._unconfirmed[self._next_tag] = seq
                 self._next_tag += 1
             connection._output_marshaled_frames([b"".join(wire)])
+            self._metrics.confirm_timer.published(batch)
             self._cursor = batch[-1][0] + 1
             self._published_max = max(self._published_max, self._cursor - 1)
             published += len(batch)
         if published:
-            self._metrics.published.inc(published)
+            self._metrics.published.inc(published - republished)
+            self._metrics.republished.inc(republished)
             self._metrics.inflight.set(len(self._unconfirmed))
         self._maybe_finish_drain()
 
@@ -337,6 +354,7 @@ class Publisher:
             upto = self._cursor - 1
         if upto > self._confirmed:
             self._metrics.confirmed.inc(upto - self._confirmed)
+            self._metrics.confirm_timer.confirmed(upto)
             self._confirmed = upto
             if not self._confirm_flush_pending:
                 self._confirm_flush_pending = True
@@ -353,6 +371,7 @@ class Publisher:
     def _forget_unconfirmed(self) -> None:
         """The channel is gone: its delivery tags mean nothing any more."""
         self._unconfirmed.clear()
+        self._metrics.confirm_timer.forget()
         self._cursor = self._confirmed + 1
         self._metrics.inflight.set(0)
 

@@ -32,8 +32,9 @@ class SpoolingSink:
     """Receives the stream's frames, turns them into events, and spools them in batches."""
 
     def __init__(self, spool: Spool, on_spooled, metrics: Metrics, log, *,
-                 max_frame_bytes: int, stream_url: str) -> None:
+                 max_frame_bytes: int, stream_url: str, beat=lambda: None) -> None:
         self._spool = spool
+        self._beat = beat             # liveness: waiting for room is progress
         self._on_spooled = on_spooled
         self._metrics = metrics
         self._log = log
@@ -57,16 +58,19 @@ class SpoolingSink:
         self._lost_at = None
         self._metrics.stream_connects.inc()
         self._metrics.stream_connected.set(1)
+        self._metrics.downtime.up(at)
         self._add_bridge_event("connected", at, connected_at=at, gap=gap)
 
     def lost(self, at: float, reason: str) -> None:
         self._lost_at = at
         self._metrics.stream_losses.inc()
         self._metrics.stream_connected.set(0)
+        self._metrics.downtime.down(at)
         self._add_bridge_event("disconnected", at, lost_at=at, reason=reason)
 
     def frame(self, payload: bytes, binary: bool, size: int, oversize: bool,
               received_at: float) -> None:
+        self._metrics.last_frame.set(received_at)
         if oversize:
             event = quarantine(payload, received_at, Reason.OVERSIZE,
                                f"{size} bytes, over the limit of {self._max_frame_bytes}",
@@ -77,6 +81,7 @@ class SpoolingSink:
                 return
         if event.quarantined:
             self._quarantined += 1
+            self._metrics.quarantined.labels(event.headers["x-quarantine-reason"]).inc()
             self._log.warning("frame.quarantined", reason=event.headers["x-quarantine-reason"],
                               detail=event.headers["x-quarantine-detail"], size=size,
                               excerpt=excerpt(payload))
@@ -135,6 +140,7 @@ class SpoolingSink:
                     self._batch, self._quarantined = [], 0
                     return False
             self._spool.wait_for_room(ROOM_POLL)
+            self._beat()
         if waiting_since is not None:
             self._metrics.backpressure.set(0)
             self._log.info("spool.resumed",
