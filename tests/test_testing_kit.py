@@ -33,6 +33,22 @@ def run_sample_project(tmp_path: Path, **env: str) -> str:
     return output
 
 
+def kit_containers(podman) -> set[str]:
+    """Containers testcontainers started (only those: others share this machine)."""
+    return set(podman.run("ps", "-aq", "--filter", "label=org.testcontainers=true")
+               .stdout.split())
+
+
+def run_and_list_leftovers(podman, before: set[str], run) -> set[str]:
+    """Run; then remove (and return) the containers that were not there before."""
+    try:
+        run()
+    finally:
+        left = kit_containers(podman) - before
+        podman.remove_containers(*left)
+    return left
+
+
 def test_a_worker_project_passes_with_a_throwaway_local_node(tmp_path):
     if not node.available():
         pytest.skip("rabbitmq-server is not installed")
@@ -51,11 +67,12 @@ def test_a_worker_project_passes_with_a_container_broker(tmp_path):
         while not socket.exists():
             assert time.monotonic() < deadline, "podman's Docker-compatible socket did not appear"
             time.sleep(0.1)
-        before = set(podman.run("ps", "-aq").stdout.split())
-        run_sample_project(tmp_path, DOCKER_HOST=f"unix://{socket}",
-                           TUTUM_TEST_RABBITMQ_IMAGE=image)
-        left = set(podman.run("ps", "-aq").stdout.split()) - before
-        podman.remove_containers(*left)
+        before = kit_containers(podman)
+        # These tests may run inside a container themselves, where testcontainers would
+        # guess a Docker-in-Docker network; podman here publishes on this host.
+        left = run_and_list_leftovers(podman, before, lambda: run_sample_project(
+            tmp_path, DOCKER_HOST=f"unix://{socket}", TUTUM_TEST_RABBITMQ_IMAGE=image,
+            TESTCONTAINERS_CONNECTION_MODE="docker_host"))
         assert not left, "the kit left its broker container behind"
     finally:
         service.terminate()

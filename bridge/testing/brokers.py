@@ -56,14 +56,21 @@ def from_container() -> Broker | None:
     if not (os.environ.get("DOCKER_HOST") or os.path.exists("/var/run/docker.sock")):
         return None
     try:
-        from testcontainers.rabbitmq import RabbitMqContainer
+        from testcontainers.community.rabbitmq import RabbitMqContainer
     except ImportError:
-        return None
+        try:
+            from testcontainers.rabbitmq import RabbitMqContainer
+        except ImportError:
+            return None
     # The reaper container would be pulled from a registry; the session removes ours.
     os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
     container = RabbitMqContainer(os.environ.get("TUTUM_TEST_RABBITMQ_IMAGE", DEFAULT_IMAGE))
     container.start()
-    host, port = container.get_container_host_ip(), container.get_exposed_port(5672)
+    try:
+        host, port = container.get_container_host_ip(), container.get_exposed_port(5672)
+    except Exception:
+        container.stop()
+        raise
     if host in ("localhost", "::1"):
         host = "127.0.0.1"
 
