@@ -30,6 +30,7 @@ from bridge.spool import Spool
 from bridge.stream import AUTH_TIMEOUT, CONNECT_TIMEOUT, State as StreamState, StreamReader
 
 PROGRESS_EVERY = 30.0          # seconds between progress lines
+SPOOL_ERROR_LOG_EVERY = 10.0   # seconds between log lines of the same spool error
 # Liveness budgets (bridge/health.py): the longest a thread may go between two beats
 # without being stuck, with room for a loaded machine.
 MAIN_BUDGET = 15.0
@@ -59,6 +60,7 @@ class Bridge:
         self._fatal_from_broker = False
         self.metrics = Metrics()
         self.ha: HaNode | None = None       # BRIDGE_HA=on: the replica's role (`in_sync`)
+        self._spool_errors_said: dict[str, tuple[float, int]] = {}   # operation -> (when, since)
         self.live = Health()
         self.ready = Health()
 
@@ -165,9 +167,16 @@ class Bridge:
                                  f"HA {ha.role}: neither the leader nor a standby in sync")
 
     def _on_spool_error(self, operation: str, exc: Exception) -> None:
-        """A write the spool's disk refused, or failed maintenance: said, counted, retried."""
+        """A write the spool's disk refused, or failed maintenance: counted every time,
+        said once per SPOOL_ERROR_LOG_EVERY and operation (it is retried twice a second)."""
         self.metrics.spool_errors.labels(operation).inc()
-        self._log.error("spool.error", operation=operation, error=str(exc),
+        now = time.monotonic()
+        last, repeated = self._spool_errors_said.get(operation, (None, 0))
+        if last is not None and now - last < SPOOL_ERROR_LOG_EVERY:
+            self._spool_errors_said[operation] = (last, repeated + 1)
+            return
+        self._spool_errors_said[operation] = (now, 0)
+        self._log.error("spool.error", operation=operation, error=str(exc), repeated=repeated,
                         detail="retrying; nothing is lost meanwhile")
 
     def _start_metrics(self, spool: Spool, stream: StreamReader,
