@@ -107,14 +107,8 @@ class Spool:
         self._recent_bytes = 0
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
-        # Checkpoints copy the WAL into the database and fsync it: slow, and on the hot
-        # path they would stall a commit now and then by tens of milliseconds. They run
-        # on a thread of their own instead (see `_maintain_forever`).
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._db.executescript(_SCHEMA)
+        self._sync = sync
+        self._db = self._connect()
         self.id = self._spool_id()
         # MIN and MAX of the primary key are index lookups, not scans.
         first, last = self._db.execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
@@ -125,12 +119,14 @@ class Spool:
         self._count = 0 if first is None else last - first + 1
         self._bytes = self._stored_bytes()
         self.recovered = self._count    # events left by a previous run, to publish first
-        stored_at = self._meta("last_received_at")
+        self._last_received_at = self._meta("last_received_at")
         # When a previous run last received anything (None for a new spool).
-        self.previous_run_received_at = float(stored_at) if stored_at else None
+        self.previous_run_received_at = (float(self._last_received_at)
+                                         if self._last_received_at else None)
         self._recent: deque[tuple[int, Event]] = deque()
         self._closed = False
         self._unwritable = False            # the last append failed for want of disk
+        self._rebuilding = False            # see `_rebuild_empty`
         self._written_since_checkpoint = 0  # bytes, roughly; tells when to checkpoint
         self.maintenance_error: str | None = None
         self.last_checkpoint_at: float | None = None     # time.time() of the last success
@@ -156,6 +152,8 @@ class Spool:
                 rows.append((first + offset, ev.received_at, ev.quarantined,
                              ev.routing_key, headers, ev.body, size))
             try:
+                if self._rebuilding:
+                    raise sqlite3.OperationalError("the spool's files are being rebuilt")
                 self._db.execute("BEGIN")
                 self._db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
                 # When the stream was last heard from, so that after a crash or restart
@@ -166,12 +164,13 @@ class Spool:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
-                if not is_disk_error(exc):
+                if not (is_disk_error(exc) or self._rebuilding):
                     raise
                 self._unwritable = True
                 self._on_error("append", exc)
                 raise SpoolUnwritable(str(exc)) from None
             self._unwritable = False
+            self._last_received_at = str(events[-1].received_at)
             self._next_seq = first + len(events)
             self._count += len(events)
             self._bytes += added
@@ -210,6 +209,8 @@ class Spool:
     def read(self, from_seq: int, limit: int) -> list[tuple[int, Event]]:
         """Up to `limit` events with sequence >= `from_seq`, in order."""
         with self._lock:
+            if from_seq >= self._next_seq:
+                return []
             if self._recent and from_seq >= self._recent[0][0]:
                 start = from_seq - self._recent[0][0]
                 end = min(start + limit, len(self._recent))
@@ -279,6 +280,42 @@ class Spool:
 
     # --- internals -------------------------------------------------------------------
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if self._sync == 'full' else 'NORMAL'}")
+        # Checkpoints copy the WAL into the database and fsync it: slow, and on the hot
+        # path they would stall a commit now and then by tens of milliseconds. They run
+        # on a thread of their own instead (see `_maintain_forever`).
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _rebuild_empty(self) -> None:
+        """Replace the files of a spool whose every event is confirmed (lock held).
+
+        On a full filesystem a WAL spool can wedge: the WAL cannot grow, and the
+        checkpoint that would let it wrap around must grow the database first. While
+        the disk is full nothing new is appended, so the publisher confirms it all;
+        then nothing in the files is needed but `meta`, and a fresh database needs a
+        few KB where the old one held megabytes. A crash in between costs only the
+        meta: a new spool id (so message ids cannot repeat) and one restart gap unsaid.
+        """
+        self._db.close()
+        self._rebuilding = True         # until it worked: appends are refused
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        self._db = self._connect()
+        rows = [("spool_id", self.id), ("next_seq", str(self._next_seq)), ("bytes", "0")]
+        if self._last_received_at:
+            rows.append(("last_received_at", self._last_received_at))
+        self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
+        self._deleted = self._confirmed
+        self._count = self._bytes = self._recent_bytes = 0
+        self._recent.clear()
+        self._unwritable = self._rebuilding = False
+        self._room.notify_all()
+
     def _delete_confirmed(self, operation: str) -> bool:
         """Delete the rows up to `_confirmed` (lock held); False if the disk refused."""
         upto = self._confirmed
@@ -310,7 +347,7 @@ class Spool:
         return True
 
     def _rollback(self) -> None:
-        if self._db.in_transaction:
+        if not self._rebuilding and self._db.in_transaction:
             try:
                 self._db.execute("ROLLBACK")
             except sqlite3.Error:
@@ -330,6 +367,16 @@ class Spool:
                                     RETRY_EVERY if failing else CHECKPOINT_EVERY)
                 if self._closed:
                     break
+                if failing and self._confirmed == self._next_seq - 1:
+                    if db is not None:
+                        db.close()
+                        db = None
+                    try:
+                        self._rebuild_empty()
+                    except (OSError, sqlite3.Error) as exc:
+                        self.maintenance_error = f"rebuild: {exc}"
+                        self._on_error("rebuild", exc)
+                        continue
                 retried = self._delete_confirmed("confirm-retry")
                 written = self._written_since_checkpoint
                 since = time.monotonic() - last

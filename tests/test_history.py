@@ -9,6 +9,7 @@ import threading
 import pika
 
 from bridge.tools.worker import consume
+from bridge.testing.node import RabbitNode
 from tests.support import broker, procs
 from tests.support.wait import wait_for
 
@@ -69,3 +70,21 @@ def test_tail_since_without_a_history_stream_is_one_line_and_exit_4(tmp_path, to
     assert tail.wait(30) == 4
     assert "Traceback" not in tail.stderr and len(tail.stderr.strip().splitlines()) == 1
     assert "BRIDGE_HISTORY" in tail.stderr
+
+
+def test_a_broker_without_streams_stops_the_bridge_with_one_line(tmp_path, simulator, bridge):
+    """A node booted without the stream_queue feature flag stands in for RabbitMQ < 3.9."""
+    flags = ("classic_mirrored_queue_version,implicit_default_bindings,"
+             "maintenance_mode_status,quorum_queue,user_limits,virtual_host_metadata")
+    node = RabbitNode(prefix="tbnostream", env={"RABBITMQ_FEATURE_FLAGS": flags}).start()
+    try:
+        sim = simulator("--rate", "0", "--count", "10")
+        br = bridge(sim, AMQP_URL=node.url, BRIDGE_HISTORY="7d")
+        assert br.wait(60) == 4
+        lines = [json.loads(line) for line in br.stderr.splitlines() if line.startswith("{")]
+        fatal = [line for line in br.stderr.splitlines() if not line.startswith("{")]
+        assert "Traceback" not in br.stderr and len(fatal) == 1, br.stderr
+        assert "history stream" in fatal[0] and "RabbitMQ 3.9" in fatal[0], fatal[0]
+        assert lines, "the bridge logged before it stopped"
+    finally:
+        node.discard()

@@ -112,6 +112,7 @@ class Simulator:
         self.clock = clock          # the world's time, for the notifications' datetimes
         self.stats = Stats()
         self.rest = rest.Registry()     # what the events sent say about each object
+        self.url: str | None = None     # ws://host:port, once listening
         self.log = make_logger()
         self.broadcast = Broadcast(self) if settings.fanout else None
         self.sessions: dict[int, Session] = {}      # the latest SESSIONS_KEPT, for /stats
@@ -174,8 +175,9 @@ class Simulator:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def serve(self) -> None:
-        """Listen, announce readiness, and run until SIGTERM or SIGINT."""
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Listen, announce readiness (`url` is set then), and run until `stop` is set:
+        by default SIGTERM or SIGINT (the testing kit runs it in a thread, with its own)."""
         settings = self.settings
         tls = _tls_context(settings)
         try:
@@ -189,15 +191,17 @@ class Simulator:
                               f"{exc.strerror or exc}") from None
         port = server.sockets[0].getsockname()[1]
         url = f"{'wss' if tls else 'ws'}://{_url_host(settings.host)}:{port}"
+        self.url = url
         if settings.ready_file:
             _write_atomically(settings.ready_file, {"port": port, "url": url})
         self.log.info("listening", url=url, events=f"{url}/v1/events", rate=settings.rate,
                       seed=settings.seed)
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        if stop is None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
         reporter = asyncio.create_task(self._report())
         await stop.wait()
         reporter.cancel()
