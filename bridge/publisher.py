@@ -32,6 +32,7 @@ from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed
 from bridge.amqp_encode import encode_publish
 from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
+from bridge.event import IDENTITY_HEADER
 from bridge.errors import BridgeError, BrokerRefused, TLSVerificationError
 from bridge.spool import Spool
 from bridge.topology import Topology, is_other_type, is_stream
@@ -55,7 +56,7 @@ class Publisher:
 
     def __init__(self, amqp: AmqpConfig, topology: Topology, spool: Spool, *,
                  inflight: int, reconnect_max: float, on_fatal, log, metrics,
-                 beat: Callable[[], None] = lambda: None) -> None:
+                 beat: Callable[[], None] = lambda: None, paused: bool = False) -> None:
         self._beat = beat             # liveness: the IOLoop calls it every BEAT_EVERY
         self._amqp = amqp
         self._topology = topology
@@ -78,6 +79,8 @@ class Publisher:
         self._ever_opened = False
         self._wakeup_pending = False
         self._draining_until: float | None = None
+        # An HA standby connects and declares but publishes nothing (`pause`, `resume`).
+        self._paused = paused
         # Publishing position. Every event up to `_confirmed` is confirmed (the spool
         # forgets them a flush later); `_cursor` is the next sequence to publish;
         # `_published_max` the highest ever published, so anything at or below it is a
@@ -99,6 +102,22 @@ class Publisher:
         if not self._wakeup_pending:
             self._wakeup_pending = True
             self._ioloop.add_callback_threadsafe(self._pump)
+
+    def pause(self) -> None:
+        """Publish nothing more until `resume` (HA: this replica stopped being leader).
+
+        From any thread, effective at the next batch; what is in flight may still be
+        confirmed."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Publish again from the spool's first unconfirmed event (HA: now leader).
+
+        While paused, a standby's witness confirmed in the spool what the leader
+        published, so the position is taken from the spool again; and every event held
+        now may have been published by the old leader, so each is flagged
+        `x-republished`."""
+        self._ioloop.add_callback_threadsafe(self._resume)
 
     def drain_and_stop(self, timeout: float) -> None:
         """Publish and confirm what the spool holds, for at most `timeout`; then stop."""
@@ -290,14 +309,14 @@ class Publisher:
         three frames of each publish separately, each write letting the stream thread in.
         """
         self._wakeup_pending = False
-        if (self.state is not State.OPEN or self.blocked or self._channel is None
-                or not self._channel.is_open):
+        if (self.state is not State.OPEN or self.blocked or self._paused
+                or self._channel is None or not self._channel.is_open):
             return
         exchange, quarantine = self._topology.exchange, self._topology.quarantine
         spool, connection = self._spool, self._connection
         channel_number, frame_max = self._channel.channel_number, connection.params.frame_max
         published = republished = 0
-        while True:
+        while not self._paused:
             room = self._inflight - len(self._unconfirmed)
             if room <= 0:
                 break
@@ -313,7 +332,8 @@ class Publisher:
                 wire.append(encode_publish(
                     channel_number, "" if ev.quarantined else exchange,
                     quarantine if ev.quarantined else ev.routing_key, ev.body,
-                    message_id=spool.message_id(seq), timestamp=int(ev.received_at),
+                    message_id=ev.headers.get(IDENTITY_HEADER) or spool.message_id(seq),
+                    timestamp=int(ev.received_at),
                     headers=headers, frame_max=frame_max))
                 self._unconfirmed[self._next_tag] = seq
                 self._next_tag += 1
@@ -382,9 +402,18 @@ class Publisher:
         self._ioloop.call_later(timeout, self._stop)
         self._maybe_finish_drain()
 
+    def _resume(self) -> None:
+        if not self._unconfirmed:
+            self._confirmed = max(self._confirmed, self._spool.confirmed)
+            self._cursor = self._confirmed + 1
+        self._published_max = max(self._published_max, self._spool.last_seq)
+        self._paused = False
+        self._pump()
+
     def _maybe_finish_drain(self) -> None:
-        if (self._draining_until is not None and not self._unconfirmed
-                and self._confirmed >= self._spool.last_seq):
+        # Paused (an HA standby), there is nothing of ours to drain.
+        if self._draining_until is not None and not self._unconfirmed and (
+                self._paused or self._confirmed >= self._spool.last_seq):
             self._stop()
 
     def _stop(self) -> None:

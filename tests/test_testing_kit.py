@@ -16,7 +16,7 @@ import pytest
 from bridge.testing import node
 from tests.support.podman import podman_or_skip, rabbitmq_image
 
-SAMPLE = Path(__file__).resolve().parent / "kit_sample" / "test_inventory.py"
+SAMPLE = Path(__file__).resolve().parent / "kit_sample" / "inventory_sample.py"
 
 
 def run_sample_project(tmp_path: Path, **env: str) -> str:

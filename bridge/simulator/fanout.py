@@ -75,10 +75,12 @@ class Broadcast:
                     batch.append((None, frame.text, frame.payload))
             stats.last_seq += valid
             pacer.sent(valid)
+            # The REST side shows what happened, told to a client or not: it is what a
+            # client that missed events resynchronises from.
+            sim.rest.sent(events)
             if self.members:
                 stats.sent += valid
                 stats.malformed += len(frames) - valid
-                sim.rest.sent(events)       # the REST side shows what clients were told
             for member in list(self.members):
                 member.deliver(batch)
             await asyncio.sleep(0)

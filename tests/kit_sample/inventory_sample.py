@@ -1,6 +1,7 @@
 """A worker project's integration test, written with the testing kit's three fixtures
-(the README shows this file). tests/test_testing_kit.py copies it into a directory
-outside the repository and runs pytest there."""
+(the README shows this file). tests/test_testing_kit.py copies it, as test_inventory.py,
+into a directory outside the repository and runs pytest there; named so that the
+project's own run does not collect it."""
 
 import json
 
