@@ -149,6 +149,11 @@ class Witness:
             self._high = 0
         return unmatched, maybe_twice
 
+    def holds(self, ident: str) -> bool:
+        """The event of that identity is spooled here and not yet confirmed."""
+        with self._lock:
+            return ident in self._by_id
+
     @property
     def pending(self) -> int:
         with self._lock:
