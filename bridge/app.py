@@ -23,6 +23,7 @@ from bridge import log as logging_
 from bridge.errors import BridgeError, ConfigError
 from bridge.event import Event, Reason, excerpt, quarantine, classify
 from bridge.metrics import Metrics, MetricsServer
+from bridge.dead_letters import DeadLetters, path_beside as dead_letters_path
 from bridge.publisher import Publisher
 from bridge.spool import Spool
 from bridge.stream import StreamReader
@@ -152,8 +153,10 @@ class Bridge:
     def run(self) -> int:
         cfg = self._cfg
         spool = self._open_spool()
-        publisher = Publisher(cfg.amqp, cfg.topology,
-                              spool, inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
+        dead_letters = DeadLetters(dead_letters_path(cfg.spool_path))
+        publisher = Publisher(cfg.amqp, cfg.topology, spool, dead_letters,
+                              inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
+                              confirm_timeout=cfg.confirm_timeout,
                               on_fatal=self._on_broker_fatal, log=logging_.get("publisher"),
                               metrics=self.metrics)
         sink = SpoolingSink(spool, publisher.notify, self.metrics, logging_.get("stream"),
@@ -185,6 +188,7 @@ class Bridge:
             publisher.drain_and_stop(cfg.shutdown_timeout)
         left = spool.pending
         spool.close()
+        dead_letters.close()
         if server is not None:
             server.stop()
         self._log.info("bridge.stopped", left_in_spool=left)

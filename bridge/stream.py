@@ -25,6 +25,7 @@ from typing import Protocol
 import websocket
 
 from bridge import frames
+from bridge import log as logging_
 from bridge.backoff import Backoff
 from bridge.config import StreamConfig
 from bridge.errors import TLSVerificationError, UpstreamUnauthorized
@@ -134,9 +135,11 @@ class StreamReader:
 
     def _connect(self) -> None:
         self._log.info("stream.connecting")
+        url, secrets = self._config.current_url()     # a rotated TUTUM_APIKEY_FILE
+        logging_.add_secrets(secrets)
         try:
             self._ws = websocket.create_connection(
-                self._config.url, timeout=CONNECT_TIMEOUT, header=list(self._config.headers),
+                url, timeout=CONNECT_TIMEOUT, header=list(self._config.headers),
                 sslopt={"context": self._tls_context()}, skip_utf8_validation=True,
                 enable_multithread=True)
         except ssl.SSLCertVerificationError as exc:
