@@ -12,7 +12,6 @@ the spool and is published first at the next start.
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 import threading
@@ -21,15 +20,22 @@ import time
 from bridge import config as config_mod
 from bridge import log as logging_
 from bridge.errors import BridgeError, ConfigError
-from bridge.event import Event, Reason, excerpt, quarantine, classify
+from bridge.event import derive_headers
+from bridge.health import Health
 from bridge.metrics import Metrics, MetricsServer
 from bridge.dead_letters import DeadLetters, path_beside as dead_letters_path
 from bridge.publisher import Publisher
+from bridge.sink import SpoolingSink
 from bridge.spool import Spool
-from bridge.stream import StreamReader
+from bridge.stream import AUTH_TIMEOUT, CONNECT_TIMEOUT, State as StreamState, StreamReader
 
-MAX_BATCH = 1000               # events handed to the spool in one transaction, at most
 PROGRESS_EVERY = 30.0          # seconds between progress lines
+SPOOL_ERROR_LOG_EVERY = 10.0   # seconds between log lines of the same spool error
+# Liveness budgets (bridge/health.py): the longest a thread may go between two beats
+# without being stuck, with room for a loaded machine.
+MAIN_BUDGET = 15.0
+PUBLISHER_BUDGET = 30.0
+STUCK_MARGIN = 30.0
 
 
 def add_arguments(parser) -> None:
@@ -43,102 +49,6 @@ def main(args) -> int:
     return Bridge(cfg).run()
 
 
-class SpoolingSink:
-    """Receives the stream's frames, turns them into events, and spools them in batches.
-
-    Also turns the stream's lifecycle into `bridge.connected` / `bridge.disconnected`
-    events, which travel through the spool like any other so they keep their place
-    in the order.
-    """
-
-    def __init__(self, spool: Spool, on_spooled, metrics: Metrics, log, *,
-                 max_frame_bytes: int, stream_url: str) -> None:
-        self._spool = spool
-        self._on_spooled = on_spooled
-        self._metrics = metrics
-        self._log = log
-        self._max_frame_bytes = max_frame_bytes
-        self._stream_url = stream_url
-        self._batch: list[Event] = []
-        self._quarantined = 0
-        # A restart is a gap too: from the last frame the previous run received.
-        self._lost_at: float | None = spool.previous_run_received_at
-        self._connections = 0
-        self.stopping = threading.Event()
-        self.spooled_total = 0
-        self._received = metrics.received.labels("event")
-        self._received_invalid = metrics.received.labels("quarantined")
-
-    def authenticated(self, at: float) -> None:
-        self._connections += 1
-        gap = None if self._lost_at is None else {
-            "lost_at": self._lost_at, "reconnected_at": at,
-            "seconds": round(at - self._lost_at, 3)}
-        self._lost_at = None
-        self._metrics.stream_connects.inc()
-        self._metrics.stream_connected.set(1)
-        self._add_bridge_event("connected", at, connected_at=at, gap=gap)
-
-    def lost(self, at: float, reason: str) -> None:
-        self._lost_at = at
-        self._metrics.stream_losses.inc()
-        self._metrics.stream_connected.set(0)
-        self._add_bridge_event("disconnected", at, lost_at=at, reason=reason)
-
-    def frame(self, payload: bytes, binary: bool, size: int, oversize: bool,
-              received_at: float) -> None:
-        if oversize:
-            event = quarantine(payload, received_at, Reason.OVERSIZE,
-                               f"{size} bytes, over the limit of {self._max_frame_bytes}",
-                               binary=binary, size=size)
-        else:
-            event = classify(payload, received_at, binary=binary)
-            if event is None:
-                return
-        if event.quarantined:
-            self._quarantined += 1
-            self._log.warning("frame.quarantined", reason=event.headers["x-quarantine-reason"],
-                              detail=event.headers["x-quarantine-detail"], size=size,
-                              excerpt=excerpt(payload))
-        self._batch.append(event)
-        if len(self._batch) >= MAX_BATCH:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._batch:
-            return
-        self._wait_for_room()
-        batch, self._batch = self._batch, []
-        self._spool.append(batch)
-        self._received.inc(len(batch) - self._quarantined)
-        self._received_invalid.inc(self._quarantined)
-        self.spooled_total += len(batch)
-        self._quarantined = 0
-        self._on_spooled()
-
-    def _wait_for_room(self) -> None:
-        """Backpressure: while the spool is full, the stream is not read."""
-        if self._spool.has_room():
-            return
-        self._metrics.backpressure.set(1)
-        self._log.warning("spool.full", bytes=self._spool.bytes, limit=self._spool.max_bytes,
-                          detail="not reading the stream until the broker takes events")
-        started = time.monotonic()
-        # On shutdown the batch in hand goes in regardless: it was read, so it is ours,
-        # and one batch over the bound is better than a lost event.
-        while not self._spool.wait_for_room(0.5) and not self.stopping.is_set():
-            pass
-        self._metrics.backpressure.set(0)
-        self._log.info("spool.resumed", waited_seconds=round(time.monotonic() - started, 1))
-
-    def _add_bridge_event(self, action: str, at: float, **fields) -> None:
-        body = {"type": "bridge", "action": action, "bridge_id": self._spool.id,
-                "stream": self._stream_url, "connection": self._connections, **fields}
-        self._batch.append(Event(f"bridge.{action}", json.dumps(body).encode(), at,
-                                 {"type": "bridge", "action": action}))
-        self.flush()
-
-
 class Bridge:
     """Owns the components and their threads for one run of the process."""
 
@@ -149,24 +59,34 @@ class Bridge:
         self._fatal: BridgeError | None = None
         self._fatal_from_broker = False
         self.metrics = Metrics()
+        self._spool_errors_said: dict[str, tuple[float, int]] = {}   # operation -> (when, since)
+        self.live = Health()
+        self.ready = Health()
 
     def run(self) -> int:
         cfg = self._cfg
+        # Before anything slow: a SIGTERM while the spool opens must stop the bridge.
+        self._install_signal_handlers()
         spool = self._open_spool()
+        if self._stop.is_set():
+            spool.close()
+            self._log.info("bridge.stopped", left_in_spool=spool.pending)
+            return 0
+        main_heart = self.live.heart("main", MAIN_BUDGET)
+        publisher_heart = self.live.heart("publisher", PUBLISHER_BUDGET)
         dead_letters = DeadLetters(dead_letters_path(cfg.spool_path))
         publisher = Publisher(cfg.amqp, cfg.topology, spool, dead_letters,
                               inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
                               confirm_timeout=cfg.confirm_timeout,
                               on_fatal=self._on_broker_fatal, log=logging_.get("publisher"),
-                              metrics=self.metrics)
+                              metrics=self.metrics, beat=publisher_heart.beat)
+        stream_heart = self.live.heart("stream", stream_budget(cfg.stream))
         sink = SpoolingSink(spool, publisher.notify, self.metrics, logging_.get("stream"),
                             max_frame_bytes=cfg.stream.max_frame_bytes,
-                            stream_url=cfg.stream.redacted_url)
-        stream = StreamReader(cfg.stream, sink, logging_.get("stream"))
-        self.metrics.spool_events.set_function(lambda: spool.pending)
-        self.metrics.spool_bytes.set_function(lambda: spool.bytes)
+                            stream_url=cfg.stream.redacted_url, beat=stream_heart.beat)
+        stream = StreamReader(cfg.stream, sink, logging_.get("stream"), beat=stream_heart.beat)
+        self._observe(spool, publisher, stream)
         server = self._start_metrics(spool, stream, publisher)
-        self._install_signal_handlers()
         self._log.info("bridge.starting", exchange=cfg.amqp.exchange, stream=cfg.stream.redacted_url,
                        brokers=cfg.amqp.redacted_urls, spool=str(spool.path),
                        recovered=spool.recovered,
@@ -176,8 +96,12 @@ class Bridge:
         stream_thread = threading.Thread(target=self._run_stream, args=(stream,), name="stream",
                                          daemon=True)
         stream_thread.start()
-        self._wait_and_report(sink, spool)
+        self._wait_and_report(sink, spool, main_heart)
 
+        # Shutdown takes as long as it takes (bounded by BRIDGE_SHUTDOWN_TIMEOUT): a
+        # probe must not call it stuck.
+        for heart in (main_heart, stream_heart, publisher_heart):
+            heart.stop()
         self._log.info("bridge.stopping", pending=spool.pending)
         sink.stopping.set()
         stream.stop()
@@ -187,10 +111,10 @@ class Bridge:
         else:
             publisher.drain_and_stop(cfg.shutdown_timeout)
         left = spool.pending
+        if server is not None:
+            server.stop()         # before the spool closes: a scrape reads the spool
         spool.close()
         dead_letters.close()
-        if server is not None:
-            server.stop()
         self._log.info("bridge.stopped", left_in_spool=left)
         if self._fatal is not None:
             raise self._fatal
@@ -201,7 +125,8 @@ class Bridge:
     def _open_spool(self) -> Spool:
         cfg = self._cfg
         try:
-            spool = Spool(cfg.spool_path, cfg.spool_max_bytes, cfg.spool_sync)
+            spool = Spool(cfg.spool_path, cfg.spool_max_bytes, cfg.spool_sync,
+                          legacy_headers=derive_headers, on_error=self._on_spool_error)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the spool at {cfg.spool_path}: {exc}") from None
         if spool.recovered:
@@ -209,20 +134,50 @@ class Bridge:
                               detail="publishing events left by the previous run first")
         return spool
 
+    def _observe(self, spool: Spool, publisher: Publisher, stream: StreamReader) -> None:
+        """The gauges read at scrape time, and the checks of the probes."""
+        m, cfg = self.metrics, self._cfg
+        m.spool_events.set_function(lambda: spool.pending)
+        m.spool_bytes.set_function(lambda: spool.bytes)
+        m.spool_unwritable.set_function(lambda: spool.unwritable)
+        m.spool_last_checkpoint.set_function(lambda: spool.last_checkpoint_at or 0)
+        m.spool_capacity.set(cfg.spool_max_bytes)
+        m.inflight_limit.set(cfg.inflight)
+        m.spool_oldest_age.set_function(lambda: oldest_age(spool))
+        # A spool that cannot checkpoint is not fixed by waiting; a restart may fix it.
+        self.live.add_check("spool", lambda: spool.maintenance_error)
+        self.ready.add_check("stream", lambda: None if stream.state is StreamState.STREAMING
+                             else f"the stream is {stream.state.value}, not authenticated")
+        self.ready.add_check("broker", lambda: None if publisher.connected
+                             else f"the broker connection is {publisher.state.value}, not open")
+
+    def _on_spool_error(self, operation: str, exc: Exception) -> None:
+        """A write the spool's disk refused, or failed maintenance: counted every time,
+        said once per SPOOL_ERROR_LOG_EVERY and operation (it is retried twice a second)."""
+        self.metrics.spool_errors.labels(operation).inc()
+        now = time.monotonic()
+        last, repeated = self._spool_errors_said.get(operation, (None, 0))
+        if last is not None and now - last < SPOOL_ERROR_LOG_EVERY:
+            self._spool_errors_said[operation] = (last, repeated + 1)
+            return
+        self._spool_errors_said[operation] = (now, 0)
+        self._log.error("spool.error", operation=operation, error=str(exc), repeated=repeated,
+                        detail="retrying; nothing is lost meanwhile")
+
     def _start_metrics(self, spool: Spool, stream: StreamReader,
                        publisher: Publisher) -> MetricsServer | None:
         if self._cfg.metrics_addr is None:
             return None
 
-        def health() -> tuple[bool, dict]:
-            detail = {"stream": stream.state.value, "broker": publisher.state.value,
-                      "broker_blocked": publisher.blocked, "spool_events": spool.pending,
-                      "spool_full": not spool.has_room()}
-            ok = stream.state.value == "streaming" and publisher.connected and spool.has_room()
-            return ok, detail
+        def ready() -> tuple[bool, dict]:
+            return self.ready.check(stream=stream.state.value, broker=publisher.state.value,
+                                    broker_blocked=publisher.blocked,
+                                    spool_events=spool.pending, spool_full=not spool.has_room(),
+                                    spool_last_checkpoint_at=spool.last_checkpoint_at)
 
+        probes = {"/livez": self.live.check, "/readyz": ready, "/healthz": ready}
         try:
-            server = MetricsServer(self.metrics, self._cfg.metrics_addr, health)
+            server = MetricsServer(self.metrics, self._cfg.metrics_addr, probes)
         except OSError as exc:
             host, port = self._cfg.metrics_addr
             raise ConfigError(f"BRIDGE_METRICS_ADDR {host}:{port}: {exc.strerror}") from None
@@ -257,12 +212,28 @@ class Bridge:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
 
-    def _wait_and_report(self, sink: SpoolingSink, spool: Spool) -> None:
-        """Wait for a stop; meanwhile log throughput now and then."""
+    def _wait_and_report(self, sink: SpoolingSink, spool: Spool, heart) -> None:
+        """Wait for a stop, beating; meanwhile log throughput now and then."""
         last_time, last_count = time.monotonic(), 0
-        while not self._stop.wait(PROGRESS_EVERY):
+        while not self._stop.wait(1.0):
+            heart.beat()
             now, count = time.monotonic(), sink.spooled_total
+            if now - last_time < PROGRESS_EVERY:
+                continue
             self._log.info("bridge.progress", received=count,
                            per_second=round((count - last_count) / (now - last_time), 1),
                            spool_events=spool.pending, spool_bytes=spool.bytes)
             last_time, last_count = now, count
+
+
+def stream_budget(stream: config_mod.StreamConfig) -> float:
+    """The longest the stream thread may go between beats: its longest single wait (a
+    reconnect backoff, a connect, the auth frame, a ping and its pong), plus a margin."""
+    return max(stream.reconnect_max, CONNECT_TIMEOUT, AUTH_TIMEOUT,
+               stream.ping_interval + stream.ping_timeout) + STUCK_MARGIN
+
+
+def oldest_age(spool: Spool) -> float:
+    """Seconds since the oldest unconfirmed event was received; 0 with none waiting."""
+    oldest = spool.read(spool.confirmed + 1, 1)
+    return max(0.0, time.time() - oldest[0][1].received_at) if oldest else 0.0

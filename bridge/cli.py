@@ -60,8 +60,9 @@ def hide_secret_flags(argv: list[str]) -> None:
     wins over the environment, and still does: it is the only value left) and the
     process replaces itself, keeping its PID, with the same command minus the secret.
     """
+    from bridge import config
     flags = _secret_flags()
-    env, kept, moved = dict(os.environ), [], False
+    env, kept, moved = config.child_environment(), [], False
     args = iter(argv)
     for arg in args:
         name, eq, value = arg.partition("=")

@@ -3,7 +3,9 @@
 Each setting has an environment variable and a matching command-line flag; the flag
 wins. `load` validates everything at start, so a bad value is one clear line and exit
 code 2 before anything connects anywhere. Nothing else in the package reads
-`os.environ`.
+`os.environ`: settings come through `load` or `from_environment`, and the verbs that
+start child processes (demo, bench, the secret-flag re-exec) copy the environment
+with `child_environment`.
 
 Secrets (the API key, `TUTUM_AUTH`, the AMQP password) are kept in the returned
 `Config` but never in its `repr`, and `redact_url` is the only way a URL reaches a log.
@@ -23,7 +25,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import pika
 
 from bridge.errors import ConfigError
-from bridge.topology import QUEUE_TYPES, Topology
+from bridge.topology import HISTORY_QUEUE, QUEUE_TYPES, Topology, history_spec
 
 DEFAULT_STREAM_HOST = "wss://stream.tutum.co"
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
@@ -122,6 +124,20 @@ def parse_exchange_name(text: str) -> str:
     if not text or len(text.encode()) > 255 or text.startswith("amq."):
         raise ValueError("expected a name of 1 to 255 bytes not starting with amq.")
     return text
+
+
+_RETENTION_UNITS = {"s": "s", "m": "m", "h": "h", "d": "D"}
+
+
+def parse_retention(text: str) -> str | None:
+    """`7d`, `12h`, `30m` -> RabbitMQ's `x-max-age` (`7D`, `12h`, `30m`); empty or `off` -> None."""
+    text = text.strip()
+    if text.lower() in ("", "off"):
+        return None
+    match = re.fullmatch(r"(\d+)([smhdD])", text)
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError("expected a retention such as 7d, 12h or 30m, or off")
+    return match.group(1) + _RETENTION_UNITS[match.group(2).lower()]
 
 
 def parse_existing_file(text: str) -> Path:
@@ -228,6 +244,11 @@ TOPOLOGY_SETTINGS = (
             "type of the bridge's own queues (unrouted, quarantine); quorum replicates them "
             "on a cluster; an existing queue keeps its type",
             "classic", parse_choice(*QUEUE_TYPES)),
+    Setting("history", "BRIDGE_HISTORY",
+            "keep every event this long on the stream queue BRIDGE_HISTORY_QUEUE, for replay "
+            "(7d, 12h; off: none)", "off", parse_retention, empty_means_off=True),
+    Setting("history_queue", "BRIDGE_HISTORY_QUEUE", "the history stream queue",
+            HISTORY_QUEUE, parse_exchange_name),
 )
 
 RUN_SETTINGS = (
@@ -296,6 +317,18 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str],
             shown = f" {text!r}" if s.echo and not s.secret else ""
             raise ConfigError(f"{source}:{shown} {exc}") from None
     return values
+
+
+def from_environment(args: argparse.Namespace,
+                     settings: tuple[Setting, ...]) -> dict[str, object]:
+    """`resolve` against this process's environment."""
+    return resolve(args, os.environ, settings)
+
+
+def child_environment(drop_prefixes: tuple[str, ...] = ()) -> dict[str, str]:
+    """A copy of this process's environment for a child, minus variables with these
+    prefixes (settings meant for this process, not for its children)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop_prefixes)}
 
 
 # --- the configuration of the `run` verb ---------------------------------------------
@@ -394,6 +427,8 @@ class Config:
     unrouted: str
     quarantine: str
     queue_type: str
+    history: str | None
+    history_queue: str
     spool_path: Path
     spool_max_bytes: int
     spool_sync: str
@@ -408,7 +443,11 @@ class Config:
 
     @property
     def topology(self) -> Topology:
-        return Topology(self.amqp.exchange, self.unrouted, self.quarantine, self.queue_type)
+        topology = Topology(self.amqp.exchange, self.unrouted, self.quarantine, self.queue_type)
+        if self.history:
+            topology = topology.with_queues(history_spec(self.history_queue,
+                                                         self.amqp.exchange, self.history))
+        return topology
 
 
 def read_secret_file(path: Path, what: str) -> str:
@@ -500,6 +539,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         stream=stream, amqp=amqp,
         unrouted=values["unrouted"], quarantine=values["quarantine"],
         queue_type=values["queue_type"],
+        history=values["history"], history_queue=values["history_queue"],
         spool_path=values["spool"] or state_dir / "spool.sqlite3",
         spool_max_bytes=values["spool_max_bytes"], spool_sync=values["spool_sync"],
         inflight=values["inflight"], reconnect_max=values["reconnect_max"],

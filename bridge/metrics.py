@@ -1,38 +1,68 @@
-"""Metrics (Prometheus text format) and health, on one small HTTP listener.
+"""Metrics (Prometheus text format) and the health endpoints, on one small HTTP listener.
 
-`GET /metrics` for Prometheus; `GET /healthz` answers 200 with a JSON body while the
-bridge is connected to both sides and not backpressured, 503 otherwise, so Docker,
-Kubernetes and systemd watchdogs can all use the same probe. Nothing secret is ever
-a label or a value.
+`GET /metrics` for Prometheus; `/livez`, `/readyz` and `/healthz` (an alias of
+`/readyz`) answer 200 or 503 with a JSON reason (docs/contract.md section 9). What
+they decide is given by the wiring as callables: this module only serves them.
+
+Each metric is observed in one line where the thing happens (stream sink, publisher);
+the few that need state of their own to be measured live here: the two latency
+histograms (`ConfirmTimer`) and the seconds the stream was down (`Downtime`).
+Nothing secret is ever a label or a value.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import threading
+import time
+from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (CollectorRegistry, GCCollector, Counter, Gauge, Histogram,
+                               PlatformCollector, ProcessCollector, generate_latest)
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from bridge import __version__
+
+# From a local broker's few milliseconds to an outage's minutes.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+Probe = Callable[[], tuple[bool, dict]]
 
 
 class Metrics:
     """Every number the bridge exposes, in a registry of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        Gauge("tutum_bridge_build_info", "The bridge's version and Python, as labels",
+              ["version", "python"], registry=r).labels(__version__,
+                                                        platform.python_version()).set(1)
         self.received = Counter("tutum_bridge_frames_received", "Frames received from the stream",
                                 ["kind"], registry=r)
+        self.quarantined = Counter("tutum_bridge_frames_quarantined",
+                                   "Frames quarantined, by x-quarantine-reason", ["reason"],
+                                   registry=r)
+        self.last_frame = Gauge("tutum_bridge_stream_last_frame_timestamp_seconds",
+                                "Unix time of the last frame received from the stream",
+                                registry=r)
         self.published = Counter("tutum_bridge_events_published",
-                                 "Publishes to the broker, republishes included", registry=r)
+                                 "First publishes to the broker (republishes not included)",
+                                 registry=r)
+        self.republished = Counter("tutum_bridge_events_republished",
+                                   "Publishes of an event published before (after a lost "
+                                   "channel, a nack or a restart)", registry=r)
         self.confirmed = Counter("tutum_bridge_events_confirmed",
                                  "Events confirmed by the broker and removed from the spool",
                                  registry=r)
         self.nacks = Counter("tutum_bridge_nacks", "Negative confirms (republished)", registry=r)
-        self.republished = Counter("tutum_bridge_events_republished",
-                                   "Publishes of an event already published (x-republished)",
-                                   registry=r)
         self.set_aside = Counter("tutum_bridge_events_set_aside",
                                  "Events the broker refuses for good, kept in the dead letters",
                                  registry=r)
@@ -40,6 +70,11 @@ class Metrics:
                                        "Successful stream authentications", registry=r)
         self.stream_losses = Counter("tutum_bridge_stream_losses", "Stream connections lost",
                                      registry=r)
+        self.broker_connects = Counter("tutum_bridge_broker_connects",
+                                       "Broker connections made ready (topology declared)",
+                                       registry=r)
+        self.broker_losses = Counter("tutum_bridge_broker_losses",
+                                     "Ready broker connections or channels lost", registry=r)
         self.stream_connected = Gauge("tutum_bridge_stream_connected",
                                       "1 while the stream is authenticated", registry=r)
         self.broker_connected = Gauge("tutum_bridge_broker_connected",
@@ -49,20 +84,109 @@ class Metrics:
                                     registry=r)
         self.inflight = Gauge("tutum_bridge_inflight", "Published events awaiting a confirm",
                               registry=r)
+        self.inflight_limit = Gauge("tutum_bridge_inflight_limit",
+                                    "Most published events awaiting a confirm (BRIDGE_INFLIGHT)",
+                                    registry=r)
         self.spool_events = Gauge("tutum_bridge_spool_events", "Events waiting in the spool",
                                   registry=r)
         self.spool_bytes = Gauge("tutum_bridge_spool_bytes", "Bytes waiting in the spool",
                                  registry=r)
+        self.spool_capacity = Gauge("tutum_bridge_spool_capacity_bytes",
+                                    "Spool capacity (BRIDGE_SPOOL_MAX_BYTES)", registry=r)
+        self.spool_oldest_age = Gauge("tutum_bridge_spool_oldest_event_age_seconds",
+                                      "Age of the oldest event not yet confirmed (0: none)",
+                                      registry=r)
+        self.spool_unwritable = Gauge("tutum_bridge_spool_unwritable",
+                                      "1 while the spool's filesystem refuses writes (full)",
+                                      registry=r)
+        self.spool_errors = Counter("tutum_bridge_spool_errors",
+                                    "Spool writes or maintenance the disk refused (retried)",
+                                    ["operation"], registry=r)
+        self.spool_last_checkpoint = Gauge("tutum_bridge_spool_last_checkpoint_timestamp_seconds",
+                                           "When the spool's WAL was last checkpointed",
+                                           registry=r)
         self.backpressure = Gauge("tutum_bridge_backpressure",
                                   "1 while the spool is full and the stream is not read",
                                   registry=r)
+        publish_latency = Histogram("tutum_bridge_publish_to_confirm_seconds",
+                                    "From the publish to the broker's confirm, per event",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        receive_latency = Histogram("tutum_bridge_receive_to_confirm_seconds",
+                                    "From the frame's receipt to the broker's confirm, per event",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.confirm_timer = ConfirmTimer(publish_latency, receive_latency, clock)
+        self.downtime = Downtime(clock)
+        r.register(self.downtime)
+
+
+class ConfirmTimer:
+    """Publish time and receipt time of what awaits a confirm, per published batch.
+
+    The publisher calls `published(batch)` as it writes a batch and `confirmed(upto)`
+    when the confirmed sequence moves; `forget()` when its channel is gone (the batches
+    are published again, and timed again from that publish; receipt time stays).
+    """
+
+    def __init__(self, publish: Histogram, receive: Histogram,
+                 clock: Callable[[], float]) -> None:
+        self._publish, self._receive, self._clock = publish, receive, clock
+        self._batches: deque[tuple[int, float, list[float]]] = deque()
+
+    def published(self, batch) -> None:
+        """`batch`: the (sequence, event) pairs just published, in order."""
+        self._batches.append((batch[-1][0], self._clock(), [ev.received_at for _, ev in batch]))
+
+    def confirmed(self, upto: int) -> None:
+        now = self._clock()
+        while self._batches and self._batches[0][0] <= upto:
+            _, published_at, received = self._batches.popleft()
+            for received_at in received:
+                self._publish.observe(max(0.0, now - published_at))
+                self._receive.observe(max(0.0, now - received_at))
+
+    def forget(self) -> None:
+        self._batches.clear()
+
+
+class Downtime:
+    """`tutum_bridge_stream_disconnected_seconds_total`: seconds the stream was not
+    authenticated, counted from the process start and growing during an outage (not
+    only once it ends), so `rate()` shows an outage while it lasts."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._total = 0.0
+        self._down_since: float | None = clock()
+
+    def up(self, at: float) -> None:
+        with self._lock:
+            if self._down_since is not None:
+                self._total += max(0.0, at - self._down_since)
+                self._down_since = None
+
+    def down(self, at: float) -> None:
+        with self._lock:
+            if self._down_since is None:
+                self._down_since = at
+
+    def seconds(self) -> float:
+        with self._lock:
+            ongoing = 0.0 if self._down_since is None else self._clock() - self._down_since
+            return self._total + max(0.0, ongoing)
+
+    def collect(self):
+        family = CounterMetricFamily("tutum_bridge_stream_disconnected_seconds",
+                                     "Seconds the stream was not authenticated, since start")
+        family.add_metric([], self.seconds())
+        yield family
 
 
 class MetricsServer:
-    """Serves /metrics and /healthz on a daemon thread."""
+    """Serves /metrics and the probes (path -> callable) on a daemon thread."""
 
     def __init__(self, metrics: Metrics, address: tuple[str, int],
-                 health: Callable[[], tuple[bool, dict]]) -> None:
+                 probes: Mapping[str, Probe]) -> None:
         registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):
@@ -70,8 +194,8 @@ class MetricsServer:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                elif path in ("/healthz", "/health"):
-                    ok, detail = health()
+                elif path in probes:
+                    ok, detail = probes[path]()
                     self._send(200 if ok else 503, json.dumps(detail).encode(),
                                "application/json")
                 else:

@@ -35,6 +35,7 @@ import sqlite3
 import ssl
 import threading
 import time
+from typing import Callable
 
 import pika
 from pika.adapters.select_connection import IOLoop
@@ -48,11 +49,11 @@ from bridge.config import AmqpConfig
 from bridge.dead_letters import DeadLetters
 from bridge.errors import BridgeError, BrokerRefused, ConfigError, TLSVerificationError
 from bridge.spool import Spool
-from bridge.topology import Topology, is_other_type
+from bridge.topology import Topology, is_other_type, is_stream
 
 READ_BATCH = 512
 CONFIRM_FLUSH_DELAY = 0.1     # seconds: confirms are removed from disk in batches
-WATCH_EVERY = 1.0             # seconds between checks of the link's liveness
+WATCH_EVERY = 1.0             # seconds between checks of the link's liveness, and beats
 CLOSE_TIMEOUT = 5.0           # seconds a close handshake may take before the socket goes
 MAX_REFUSALS = 3              # times the broker refuses one event alone before it is set aside
 # Reply codes with which the broker refuses one message rather than the whole link:
@@ -120,7 +121,9 @@ class Publisher:
 
     def __init__(self, amqp: AmqpConfig, topology: Topology, spool: Spool,
                  dead_letters: DeadLetters, *, inflight: int, reconnect_max: float,
-                 confirm_timeout: float, on_fatal, log, metrics) -> None:
+                 confirm_timeout: float, on_fatal, log, metrics,
+                 beat: Callable[[], None] = lambda: None) -> None:
+        self._beat = beat             # liveness: the IOLoop calls it every WATCH_EVERY
         self._amqp = amqp
         self._topology = topology
         self._spool = spool
@@ -288,6 +291,7 @@ class Publisher:
             return
         if self.state is not State.CLOSING:
             self._log.warning("broker.lost", reason=_describe(reason))
+            self._metrics.broker_losses.inc()
             if self.state is State.OPEN:
                 self._maybe_refused_alone(getattr(reason, "reply_code", 0), _describe(reason))
         self._fire(Input.CLOSED)
@@ -340,6 +344,7 @@ class Publisher:
         self._next_tag = 1
         self._cursor = self._confirmed + 1
         self._metrics.broker_connected.set(1)
+        self._metrics.broker_connects.inc()
         self._log.info("broker.ready", exchange=self._topology.exchange,
                        republishing=max(0, self._published_max - self._confirmed),
                        window=self._window)
@@ -350,10 +355,17 @@ class Publisher:
         code = getattr(reason, "reply_code", 0)
         text = getattr(reason, "reply_text", str(reason))
         if self.state is State.DECLARING:
-            if self._steps[self._step].keep_existing and is_other_type(code, text):
+            step = self._steps[self._step]
+            if step.keep_existing and is_other_type(code, text):
                 return self._keep_existing_queue(text)
+            if is_stream(step) and not self._ever_opened:
+                return self._fatal(BrokerRefused(
+                    f"the broker refused the history stream {step.name!r} ({text}): "
+                    f"BRIDGE_HISTORY needs RabbitMQ 3.9 or later with the stream_queue "
+                    f"feature flag enabled, and an existing stream of that name must have "
+                    f"the same retention"))
             if code in (403, 406):
-                what = self._steps[self._step].describe()
+                what = step.describe()
                 if not self._ever_opened:
                     return self._fatal(BrokerRefused(
                         f"the broker refused to {what}: {text}; an exchange or queue of "
@@ -365,6 +377,7 @@ class Publisher:
         if self.state in (State.CLOSING, State.STOPPED):
             return
         self._log.warning("broker.channel_lost", reason=_describe(reason))
+        self._metrics.broker_losses.inc()
         if self.state is State.OPEN:
             self._maybe_refused_alone(code, text)
         self._close_connection()
@@ -387,7 +400,10 @@ class Publisher:
     # --- liveness --------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Once a second: drop a link that went silent or a close that never ends."""
+        """Once a second: beat (from inside the IOLoop: proves the loop runs callbacks,
+        not only that the thread exists), and drop a link that went silent or a close
+        that never ends."""
+        self._beat()
         self._ioloop.call_later(WATCH_EVERY, self._watch)
         connection, now = self._connection, time.monotonic()
         if connection is None or self.state not in (State.DECLARING, State.OPEN, State.CLOSING):
@@ -441,7 +457,7 @@ class Publisher:
             batch = self._spool.read(self._cursor, min(room, READ_BATCH))
             if not batch:
                 break
-            wire = []
+            wire, sent = [], []
             now = time.monotonic()
             for seq, ev in batch:
                 self._cursor = seq + 1
@@ -454,14 +470,17 @@ class Publisher:
                     self._set_aside_event(seq, ev, f"cannot be encoded: {exc}")
                     continue
                 wire.append(frames)
+                sent.append((seq, ev))
                 self._unconfirmed[self._next_tag] = (seq, now)
                 self._next_tag += 1
                 published += 1
                 republished += republish
             self._published_max = max(self._published_max, self._cursor - 1)
             self._send(wire)
+            if sent:
+                self._metrics.confirm_timer.published(sent)
         if published:
-            self._metrics.published.inc(published)
+            self._metrics.published.inc(published - republished)
             self._metrics.republished.inc(republished)
             self._metrics.inflight.set(len(self._unconfirmed))
         self._advance_confirmed()
@@ -524,6 +543,7 @@ class Publisher:
         self._nacked_upto = max(self._nacked_upto, self._published_max)
         self._cursor = first
         self._window = 1
+        self._metrics.confirm_timer.forget()     # timed again from the republish
         self._metrics.inflight.set(len(self._unconfirmed))
         if not self._paused:
             self._paused = True
@@ -541,6 +561,7 @@ class Publisher:
         if upto <= self._confirmed:
             return
         self._metrics.confirmed.inc(upto - self._confirmed)
+        self._metrics.confirm_timer.confirmed(upto)
         self._confirmed = upto
         self._set_aside = {s for s in self._set_aside if s > upto}
         if self._nacked_upto and upto >= self._nacked_upto:
@@ -559,6 +580,7 @@ class Publisher:
     def _forget_unconfirmed(self) -> None:
         """The channel is gone: its delivery tags mean nothing any more."""
         self._unconfirmed.clear()
+        self._metrics.confirm_timer.forget()
         self._cursor = self._confirmed + 1
         self._metrics.inflight.set(0)
 

@@ -14,10 +14,22 @@ SQLite database in WAL mode (standard library, crash-safe, fast appends in batch
   of bodies), so the publisher reads new events without touching the disk; older
   ones (a backlog after an outage) are read back in order from the database. Memory
   is bounded by the window, whatever the backlog and whatever the frame sizes.
-  An event's headers are derived from its body again when it is read back, so only
-  the body is stored (and, for a quarantined frame, the headers saying why).
+  Each row stores the event's headers as JSON, so reading back is a `json.loads`,
+  not a new classification. Rows written before headers were stored (headers NULL)
+  get theirs from `legacy_headers`, a function the wiring hands in.
 - Its size is bounded: `has_room()` is false once `max_bytes` of events wait, and
   the reader stops reading the websocket until the publisher makes room.
+- A filesystem that fills up (ENOSPC, EDQUOT, an I/O error on write) is not a crash:
+  `append` rolls back and raises `SpoolUnwritable`, keeping nothing half-written, and
+  the caller keeps its batch and tries again once `wait_for_room` says so; a
+  `confirm` whose DELETE cannot be written is remembered and retried by the
+  maintenance thread, and failed checkpoints are retried too. Every such failure
+  goes to `on_error(operation, exception)`, and `maintenance_error` says what is
+  wrong until a checkpoint succeeds again.
+- Opening costs the same whatever the spool holds: the count follows from the first
+  and last sequence (rows are only ever added at the end and removed from the front)
+  and the byte total is kept in `meta` by every transaction. A spool written before
+  that counter existed is summed once, at its first open.
 
 Events are numbered by a sequence that never goes back, which fixes their order and,
 with the spool's random id, gives each its `message_id`.
@@ -32,8 +44,9 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
-from bridge.event import Event, derive_headers
+from bridge.event import Event
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,70 +71,106 @@ ROW_OVERHEAD = 64          # bytes counted per event beyond body and headers
 CHECKPOINT_EVERY = 0.2               # seconds, while the stream is calm
 CHECKPOINT_BURST_EVERY = 1.0         # seconds, in a burst
 CHECKPOINT_BURST_BYTES = 256 * 1024  # written within one CHECKPOINT_EVERY: a burst
+RETRY_EVERY = 1.0                    # seconds between retries of failed maintenance
+
+_DISK_ERRORS = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class SpoolUnwritable(Exception):
+    """The spool's filesystem refused a write (full, over quota, or failing).
+
+    Nothing of the batch was stored; the caller still holds it.
+    """
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    """True for the sqlite errors a full or failing filesystem causes."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _DISK_ERRORS
 
 
 class Spool:
     """A bounded, ordered, crash-safe queue of events; thread-safe."""
 
     def __init__(self, path: Path, max_bytes: int, sync: str = "normal",
-                 window: int = 8192, window_bytes: int = 8 * 1024 * 1024) -> None:
+                 window: int = 8192, window_bytes: int = 8 * 1024 * 1024, *,
+                 legacy_headers: Callable[[bytes], dict] | None = None,
+                 on_error: Callable[[str, Exception], None] | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_bytes = max_bytes
         self._window = window
         self._window_bytes = window_bytes
+        self._legacy_headers = legacy_headers or (lambda body: {})
+        self._on_error = on_error or (lambda operation, exc: None)
         self._recent_bytes = 0
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
-        # Checkpoints copy the WAL into the database and fsync it: slow, and on the hot
-        # path they would stall a commit now and then by tens of milliseconds. They run
-        # on a thread of their own instead (see `_checkpoint_forever`).
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._db.executescript(_SCHEMA)
+        self._sync = sync
+        self._db = self._connect()
         self.id = self._spool_id()
-        first, last, count, size = self._db.execute(
-            "SELECT MIN(seq), MAX(seq), COUNT(*), COALESCE(SUM(size), 0) FROM events").fetchone()
+        # MIN and MAX of the primary key are index lookups, not scans.
+        first, last = self._db.execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
         stored_next = int(self._meta("next_seq") or 1)
         self._next_seq = max(stored_next, (last or 0) + 1)
         self._confirmed = (first - 1) if first is not None else self._next_seq - 1
-        self._count, self._bytes = count, size
-        self.recovered = count          # events left by a previous run, to publish first
-        stored_at = self._meta("last_received_at")
+        self._deleted = self._confirmed     # rows up to here are gone from the table
+        self._count = 0 if first is None else last - first + 1
+        self._bytes = self._stored_bytes()
+        self.recovered = self._count    # events left by a previous run, to publish first
+        self._last_received_at = self._meta("last_received_at")
         # When a previous run last received anything (None for a new spool).
-        self.previous_run_received_at = float(stored_at) if stored_at else None
+        self.previous_run_received_at = (float(self._last_received_at)
+                                         if self._last_received_at else None)
         self._recent: deque[tuple[int, Event]] = deque()
         self._closed = False
-        self._written_since_checkpoint = 0      # bytes, roughly; tells when to checkpoint
-        self._checkpointer = threading.Thread(target=self._checkpoint_forever,
+        self._unwritable = False            # the last append failed for want of disk
+        self._rebuilding = False            # see `_rebuild_empty`
+        self._written_since_checkpoint = 0  # bytes, roughly; tells when to checkpoint
+        self.maintenance_error: str | None = None
+        self.last_checkpoint_at: float | None = None     # time.time() of the last success
+        self._checkpointer = threading.Thread(target=self._maintain_forever,
                                               name="spool-checkpoint", daemon=True)
         self._checkpointer.start()
 
     # --- writing (the stream side) ---------------------------------------------------
 
     def append(self, events: list[Event]) -> int:
-        """Store a batch durably, in order; returns the last sequence number."""
+        """Store a batch durably, in order; returns the last sequence number.
+
+        Raises SpoolUnwritable, having stored none of it, when the disk refuses.
+        """
         with self._lock:
             first = self._next_seq
             rows = []
             added = 0
             for offset, ev in enumerate(events):
-                # An event's headers are a function of its body, so only a quarantined
-                # frame's (which describe what was wrong with it) are worth storing.
-                headers = json.dumps(ev.headers) if ev.quarantined else None
-                size = len(ev.body) + len(headers or "") + ROW_OVERHEAD
+                headers = _dumps(ev.headers)
+                size = len(ev.body) + len(headers) + ROW_OVERHEAD
                 added += size
                 rows.append((first + offset, ev.received_at, ev.quarantined,
                              ev.routing_key, headers, ev.body, size))
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
-            # When the stream was last heard from, so that after a crash or restart the
-            # next run can tell workers how long the stream went unread.
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('last_received_at', ?)",
-                             (str(events[-1].received_at),))
-            self._db.execute("COMMIT")
+            try:
+                if self._rebuilding:
+                    raise sqlite3.OperationalError("the spool's files are being rebuilt")
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
+                # When the stream was last heard from, so that after a crash or restart
+                # the next run can tell workers how long the stream went unread.
+                self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", (
+                    ("last_received_at", str(events[-1].received_at)),
+                    ("bytes", str(self._bytes + added))))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                if not (is_disk_error(exc) or self._rebuilding):
+                    raise
+                self._unwritable = True
+                self._on_error("append", exc)
+                raise SpoolUnwritable(str(exc)) from None
+            self._unwritable = False
+            self._last_received_at = str(events[-1].received_at)
             self._next_seq = first + len(events)
             self._count += len(events)
             self._bytes += added
@@ -134,11 +183,24 @@ class Spool:
             return self._next_seq - 1
 
     def has_room(self) -> bool:
+        """Below the byte bound, and the last append found room on the disk."""
+        return self._bytes < self.max_bytes and not self._unwritable
+
+    def within_bound(self) -> bool:
         return self._bytes < self.max_bytes
 
     def wait_for_room(self, timeout: float) -> bool:
-        """Block until the spool is below its bound (or `timeout`); True if it is."""
+        """Block until the spool is below its bound (or `timeout`); True if it is.
+
+        After a failed append the filesystem is the bound: this returns when rows
+        were deleted (or at `timeout`), and only another append can tell whether
+        the disk takes it now.
+        """
         with self._room:
+            if self._unwritable:
+                freed = self._room.wait_for(lambda: not self._unwritable or self._closed,
+                                            timeout)
+                return freed and self._bytes < self.max_bytes
             return self._room.wait_for(lambda: self._bytes < self.max_bytes or self._closed,
                                        timeout)
 
@@ -147,6 +209,8 @@ class Spool:
     def read(self, from_seq: int, limit: int) -> list[tuple[int, Event]]:
         """Up to `limit` events with sequence >= `from_seq`, in order."""
         with self._lock:
+            if from_seq >= self._next_seq:
+                return []
             if self._recent and from_seq >= self._recent[0][0]:
                 start = from_seq - self._recent[0][0]
                 end = min(start + limit, len(self._recent))
@@ -154,29 +218,21 @@ class Spool:
             rows = self._db.execute(
                 "SELECT seq, received_at, quarantined, routing_key, headers, body FROM events "
                 "WHERE seq >= ? ORDER BY seq LIMIT ?", (from_seq, limit)).fetchall()
-        return [(seq, Event(key, body, at, json.loads(headers) if q else derive_headers(body), bool(q)))
+        loads, legacy = json.loads, self._legacy_headers
+        return [(seq, Event(key, body, at, loads(headers) if headers else legacy(body), bool(q)))
                 for seq, at, q, key, headers, body in rows]
 
     def confirm(self, upto_seq: int) -> None:
-        """The broker confirmed every event up to `upto_seq`: forget them."""
+        """The broker confirmed every event up to `upto_seq`: forget them.
+
+        If the disk cannot take the DELETE now, the spool remembers it and the
+        maintenance thread retries it; the events are not read again meanwhile.
+        """
         with self._lock:
             if upto_seq <= self._confirmed or self._closed:
                 return
-            self._db.execute("BEGIN")
-            freed, count = self._db.execute(
-                "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events WHERE seq <= ?",
-                (upto_seq,)).fetchone()
-            self._db.execute("DELETE FROM events WHERE seq <= ?", (upto_seq,))
-            # An empty spool must still remember where the sequence stands, or a crash
-            # now would reuse sequence numbers, hence message ids, after the restart.
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
-                             (str(self._next_seq),))
-            self._db.execute("COMMIT")
             self._confirmed = upto_seq
-            self._bytes -= freed
-            self._count -= count
-            self._written_since_checkpoint += 1     # the deletes are in the WAL too
-            self._room.notify_all()
+            self._delete_confirmed("confirm")
 
     @property
     def confirmed(self) -> int:
@@ -195,6 +251,11 @@ class Spool:
     def bytes(self) -> int:
         return self._bytes
 
+    @property
+    def unwritable(self) -> bool:
+        """True from a failed append until rows are deleted or an append succeeds."""
+        return self._unwritable
+
     def message_id(self, seq: int) -> str:
         return f"{self.id}-{seq}"
 
@@ -204,38 +265,153 @@ class Spool:
                 return
             self._closed = True
             self._room.notify_all()
-            # Remember the sequence even when the spool is empty, so message ids and
-            # order never repeat across restarts.
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
-                             (str(self._next_seq),))
         self._checkpointer.join(timeout=5)
         with self._lock:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                self._delete_confirmed("close")
+                # Remember the sequence even when the spool is empty, so message ids
+                # and order never repeat across restarts.
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
+                                 (str(self._next_seq),))
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                self._on_error("close", exc)     # what is committed stays in the WAL
             self._db.close()
 
     # --- internals -------------------------------------------------------------------
 
-    def _checkpoint_forever(self) -> None:
-        """Keep the WAL short without blocking appends (a PASSIVE checkpoint never waits)."""
+    def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        last = time.monotonic()
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if self._sync == 'full' else 'NORMAL'}")
+        # Checkpoints copy the WAL into the database and fsync it: slow, and on the hot
+        # path they would stall a commit now and then by tens of milliseconds. They run
+        # on a thread of their own instead (see `_maintain_forever`).
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _rebuild_empty(self) -> None:
+        """Replace the files of a spool whose every event is confirmed (lock held).
+
+        On a full filesystem a WAL spool can wedge: the WAL cannot grow, and the
+        checkpoint that would let it wrap around must grow the database first. While
+        the disk is full nothing new is appended, so the publisher confirms it all;
+        then nothing in the files is needed but `meta`, and a fresh database needs a
+        few KB where the old one held megabytes. A crash in between costs only the
+        meta: a new spool id (so message ids cannot repeat) and one restart gap unsaid.
+        """
+        self._db.close()
+        self._rebuilding = True         # until it worked: appends are refused
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        self._db = self._connect()
+        rows = [("spool_id", self.id), ("next_seq", str(self._next_seq)), ("bytes", "0")]
+        if self._last_received_at:
+            rows.append(("last_received_at", self._last_received_at))
+        self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
+        self._deleted = self._confirmed
+        self._count = self._bytes = self._recent_bytes = 0
+        self._recent.clear()
+        self._unwritable = self._rebuilding = False
+        self._room.notify_all()
+
+    def _delete_confirmed(self, operation: str) -> bool:
+        """Delete the rows up to `_confirmed` (lock held); False if the disk refused."""
+        upto = self._confirmed
+        if upto <= self._deleted:
+            return True
+        freed = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM events WHERE seq <= ?",
+                                 (upto,)).fetchone()[0]
         try:
-            while not self._closed:
-                with self._room:
-                    self._room.wait_for(lambda: self._closed, CHECKPOINT_EVERY)
-                    written = self._written_since_checkpoint
-                    since = time.monotonic() - last
-                    due = written and (written < CHECKPOINT_BURST_BYTES
-                                       or since >= CHECKPOINT_BURST_EVERY)
-                    if due:
-                        self._written_since_checkpoint = 0
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM events WHERE seq <= ?", (upto,))
+            # An empty spool must still remember where the sequence stands, or a crash
+            # now would reuse sequence numbers, hence message ids, after the restart.
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", (
+                ("next_seq", str(self._next_seq)), ("bytes", str(self._bytes - freed))))
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            if not is_disk_error(exc) and operation == "confirm":
+                raise
+            self.maintenance_error = f"{operation}: {exc}"
+            self._on_error(operation, exc)
+            return False
+        self._count -= upto - self._deleted
+        self._deleted = upto
+        self._bytes -= freed
+        self._unwritable = False            # room was made: the next append may fit
+        self._written_since_checkpoint += 1     # the deletes are in the WAL too
+        self._room.notify_all()
+        return True
+
+    def _rollback(self) -> None:
+        if not self._rebuilding and self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass    # sqlite already rolled back what the failed statement began
+
+    def _maintain_forever(self) -> None:
+        """Keep the WAL short without blocking appends (a PASSIVE checkpoint never waits),
+        and retry what the disk refused. A failure is reported and retried, never the
+        end of the thread: with autocheckpoint off, the WAL would otherwise grow forever.
+        """
+        db: sqlite3.Connection | None = None
+        last = time.monotonic()
+        failing = False
+        while not self._closed:
+            with self._room:
+                self._room.wait_for(lambda: self._closed,
+                                    RETRY_EVERY if failing else CHECKPOINT_EVERY)
+                if self._closed:
+                    break
+                if failing and self._confirmed == self._next_seq - 1:
+                    if db is not None:
+                        db.close()
+                        db = None
+                    try:
+                        self._rebuild_empty()
+                    except (OSError, sqlite3.Error) as exc:
+                        self.maintenance_error = f"rebuild: {exc}"
+                        self._on_error("rebuild", exc)
+                        continue
+                retried = self._delete_confirmed("confirm-retry")
+                written = self._written_since_checkpoint
+                since = time.monotonic() - last
+                due = failing or (written and (written < CHECKPOINT_BURST_BYTES
+                                               or since >= CHECKPOINT_BURST_EVERY))
                 if due:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                    last = time.monotonic()
-        except sqlite3.Error:
-            pass  # the spool is closing; close() checkpoints what is left
-        finally:
+                    self._written_since_checkpoint = 0
+            if not due:
+                continue
+            try:
+                if db is None:
+                    db = sqlite3.connect(self.path, isolation_level=None,
+                                         check_same_thread=False)
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                failing = True
+                self.maintenance_error = f"checkpoint: {exc}"
+                self._on_error("checkpoint", exc)
+                continue
+            last = time.monotonic()
+            self.last_checkpoint_at = time.time()
+            failing = not retried
+            if retried:
+                self.maintenance_error = None
+        if db is not None:
             db.close()
+
+    def _stored_bytes(self) -> int:
+        stored = self._meta("bytes")
+        if stored is not None:
+            return int(stored)
+        # A spool from before the counter: sum it once, and keep the sum from now on.
+        total = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM events").fetchone()[0]
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('bytes', ?)", (str(total),))
+        return total
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import websocket
 
@@ -61,8 +61,10 @@ class ConnectionLost(Exception):
 class StreamReader:
     """Connects, authenticates, reads frames into the sink, and reconnects forever."""
 
-    def __init__(self, config: StreamConfig, sink: StreamSink, log) -> None:
+    def __init__(self, config: StreamConfig, sink: StreamSink, log,
+                 beat: Callable[[], None] = lambda: None) -> None:
         self._config = config
+        self._beat = beat             # liveness: called where the loop comes round
         self._sink = sink
         self._log = log.bind(url=config.redacted_url)
         self._backoff = Backoff(base=0.5, cap=config.reconnect_max)
@@ -105,6 +107,7 @@ class StreamReader:
         try:
             while not self._stopping.is_set():
                 self.state = State.CONNECTING
+                self._beat()
                 try:
                     self._connect()
                     self._authenticate()
@@ -246,6 +249,7 @@ class StreamReader:
             raise ConnectionLost(f"the server closed the stream (code {code})")
 
     def _read(self, timeout: float) -> frames.Frame | None:
+        self._beat()
         try:
             return self._reader.read(max(timeout, 0.0))
         except (frames.ConnectionClosed, frames.ProtocolError, OSError, ValueError) as exc:

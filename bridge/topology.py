@@ -22,6 +22,7 @@ from typing import Callable
 import pika.exceptions
 
 QUEUE_TYPES = ("classic", "quorum")
+HISTORY_QUEUE = "tutum.history"       # docs/contract.md section 8
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,17 @@ class Topology:
     def names(self) -> tuple[list[str], list[str]]:
         """(queues, exchanges) this topology declares, for whoever deletes it."""
         return [q.name for q in self.queues], [self.exchange, self.unrouted]
+
+
+def history_spec(name: str, exchange: str, max_age: str) -> QueueSpec:
+    """The history stream (docs/contract.md section 8): every event, kept `max_age`
+    (RabbitMQ's form: 7D, 12h) on RabbitMQ's own replicated storage, for replay."""
+    return QueueSpec(name, ((exchange, "#"),),
+                     (("x-queue-type", "stream"), ("x-max-age", max_age)))
+
+
+def is_stream(step: Step) -> bool:
+    return (dict(step.kwargs).get("arguments") or {}).get("x-queue-type") == "stream"
 
 
 def exchange_steps(exchange: str, unrouted: str) -> list[Step]:

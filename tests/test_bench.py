@@ -1,8 +1,10 @@
-"""`tutum-bridge bench` end to end: a tiny run of every bridge, and a clean Ctrl-C.
+"""`tutum-bridge bench` end to end: a tiny run of every bridge, ceiling and mode, and a
+clean Ctrl-C.
 
 The figures themselves depend on the machine; what a user relies on is that the run
-completes, reports every bridge, and leaves nothing behind on the broker or in the
-process table.
+completes, reports every bridge and ceiling, the share of the limit, the soak's samples
+and verdicts and the plot, and leaves nothing behind on the broker or in the process
+table.
 """
 
 from __future__ import annotations
@@ -51,26 +53,50 @@ def assert_nothing_left(names: dict[str, str]) -> None:
     assert not exists_on_broker("queue", names["unrouted"])
 
 
+SOAK = ["--soak", "5s", "--soak-rate", "200", "--sample-seconds", "1"]
+BRIDGES = {"real", "naive-confirm", "naive-fire"}
+CEILINGS = {"stream-ceiling", "broker-ceiling"}
+
+
 @pytest.mark.slow
 def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = bench(*TINY, "--json", str(out))
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = bench(*TINY, *SOAK, "--json", str(out), "--plot", str(png))
     stdout, stderr = proc.communicate(timeout=150)
     assert proc.returncode == 0, stderr[-3000:]
 
     report = json.loads(out.read_text())
-    assert set(report["bridges"]) == {"real", "naive-confirm", "naive-fire"}
+    assert set(report["bridges"]) == BRIDGES | CEILINGS
     for name, figures in report["bridges"].items():
         assert figures["burst"]["events"] == 2000
         assert figures["burst"]["events_per_second"] > 0, name
         assert figures["burst"]["cpu_seconds_per_10k"] > 0, name
+        assert figures["peak_rss_bytes"] > 1024 * 1024, name
+        assert name in stdout  # a row of the table
+        if name in CEILINGS:
+            continue
         assert figures["latency"]["events"] == 600
         latency = figures["latency"]["latency_ms"]
         assert 0 < latency["p50"] <= latency["p99"] <= latency["max"], name
+        assert figures["latency"]["samples"], name   # what the plot draws
         assert figures["idle"]["cpu_percent"] >= 0, name
-        assert figures["peak_rss_bytes"] > 1024 * 1024, name
-        assert name in stdout  # a row of the table
-    assert set(report["ratios"]) == {"real/naive-confirm", "real/naive-fire"}
+    assert set(report["ratios"]) == {"real/naive-confirm", "real/naive-fire",
+                                     "real/min(ceilings)"}
+    share = report["ratios"]["real/min(ceilings)"]
+    assert share["limit"] in CEILINGS and share["burst"] > 0
+    assert "of the limit, set by" in stdout
+
+    soak = report["bridges"]["real"]["soak"]
+    assert soak["events"] == 1000 and soak["duplicates"] == 0
+    assert len(soak["samples"]) >= 2
+    for sample in soak["samples"]:
+        assert sample["rss_bytes"] > 1024 * 1024 and sample["spool_bytes"] > 0
+        assert sample["p99_ms"] > 0 and sample["cpu_seconds"] >= 0
+    for figure in ("rss_bytes", "cpu_seconds_per_10k", "p99_ms", "spool_bytes"):
+        assert isinstance(soak["summary"][figure]["flat"], bool)
+    assert "real soak: 1000 events at 200/s" in stdout
+
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert_nothing_left(report["broker"])
 
 
@@ -99,8 +125,14 @@ def test_ctrl_c_stops_everything_and_exits_130():
                          "unrouted": f"{prefix}.unrouted", "quarantine": f"{prefix}.invalid"})
 
 
-def test_unknown_bridge_is_a_usage_error():
-    proc = bench("--bridges", "real,fastest")
+@pytest.mark.parametrize("args, error", [
+    (["--bridges", "real,fastest"], "unknown bridge fastest"),
+    (["--soak", "half an hour"], "expected a duration like 90s, 30m or 2h"),
+    (["--plot", "/no/such/dir/b.png"], "--plot: no directory /no/such/dir"),
+    (["--plot", "b.png", "--skip-latency"], "this run has neither"),
+])
+def test_bad_usage_is_one_line_and_exit_2(args, error):
+    proc = bench(*args)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 2
-    assert stderr.count("\n") == 1 and "unknown bridge fastest" in stderr
+    assert stderr.count("\n") == 1 and error in stderr

@@ -147,7 +147,8 @@ def test_bad_credentials_get_unauthorized_then_close(simulator, connect):
         assert json.loads(data) == {"type": "error", "data": {"errorMessage": "UNAUTHORIZED"}}
         expect_close(ws, 1008)
     assert simulator_stats(sim) == {"sent": 0, "malformed": 0, "connections": 0,
-                                    "active": 0, "rejected": len(BAD_LOGINS), "last_seq": 0}
+                                    "active": 0, "rejected": len(BAD_LOGINS), "last_seq": 0,
+                                    "per_connection": {}}
     # The key never reaches the log, in any form a client might have sent it.
     for secret in (SIM_APIKEY, base64.b64encode(f"{SIM_USER}:{SIM_APIKEY}".encode()).decode()):
         assert secret not in sim.stderr
@@ -293,7 +294,8 @@ def test_http_routes_stats_health_and_404(simulator, connect):
     status, content_type, body = http_get(sim, "/stats")
     assert (status, content_type) == (200, "application/json")
     assert json.loads(body) == {"sent": 10, "malformed": 2, "connections": 1, "active": 1,
-                                "rejected": 1, "last_seq": 10}
+                                "rejected": 1, "last_seq": 10,
+                                "per_connection": {"1": {"sent": 10, "open": True}}}
 
 
 def test_wss_with_a_certificate(simulator, connect, tmp_path):

@@ -8,8 +8,9 @@ import json
 import urllib.error
 import urllib.request
 
-from tests.support.procs import SIM_APIKEY, SIM_USER
+from tests.support.procs import SIM_APIKEY, SIM_USER, simulator_stats
 from tests.support.stream_client import read_frames
+from tests.support.wait import wait_for
 
 BASIC = "Basic " + base64.b64encode(f"{SIM_USER}:{SIM_APIKEY}".encode()).decode()
 
@@ -69,3 +70,16 @@ def test_unknown_uuid_is_a_json_404_and_credentials_are_the_streams(simulator):
     assert get(sim, "/api/v1/service/", auth=f"ApiKey {SIM_USER}:{SIM_APIKEY}")[0] == 200
     status, _ = get(sim, f"/api/v1/service/?user={SIM_USER}&token={SIM_APIKEY}", auth=None)
     assert status == 200
+
+
+def test_with_fanout_the_rest_side_has_what_happened_while_no_client_listened(simulator):
+    """What a client missed is what it resynchronises: REST must show it."""
+    sim = simulator("--fanout", "--seed", "21", "--count", "200", "--rate", "400",
+                    name="fanout")
+    read_frames(sim, 3)                  # starts the world, then leaves
+    wait_for(lambda: simulator_stats(sim)["last_seq"] == 200, 30, what="every event")
+    same = simulator("--seed", "21", "--count", "200", "--rate", "0", name="reference")
+    events = [json.loads(f.payload) for f in read_frames(same, 202)[2:]]
+    latest = {e["resource_uri"]: e["state"] for e in events}
+    for uri, state in latest.items():
+        assert get(sim, uri)[1]["state"] == state, uri

@@ -295,3 +295,54 @@ def test_deployment_files_give_the_bridge_time_to_drain_and_never_restart_a_conf
                   r"terminationGracePeriodSeconds: (\d+)") > configured
     assert number("deploy/kubernetes/statefulset.yaml", r"^\s+replicas: (\d+)") == 1
     assert number("deploy/docker-compose.yml", r"stop_grace_period: (\d+)s") > shutdown
+
+
+# --- dead letters ------------------------------------------------------------------------
+
+def test_a_handler_always_failing_on_one_event_leaves_it_in_the_dead_letter_queue(
+        tmp_path, topology):
+    queue, dead = broker.unique("t-work"), broker.unique("t-dead")
+    topology.queues += [queue, dead]
+    code, out, err = run_tool(tmp_path, topology, "bind", "--dead-letter", dead, queue,
+                              "container.*")
+    assert code == 0 and dead in out.decode(), err
+    ids = ["c-1", "c-2", "poison", "c-3", "c-4"]
+    with broker.connect() as conn:
+        channel = conn.channel()
+        for message_id in ids:
+            channel.basic_publish(topology.exchange, "container.update",
+                                  json.dumps({"id": message_id}).encode(),
+                                  pika.BasicProperties(message_id=message_id))
+    calls, stop = [], threading.Event()
+
+    def handler(message):
+        calls.append(message.message_id)
+        if calls.count("poison") == 3 and {"c-1", "c-2", "c-3", "c-4"} <= set(calls):
+            stop.set()
+        if message.message_id == "poison":
+            raise ValueError("no such container")
+
+    run_worker(topology, [], handler, queue, stop, prefetch=1, attempts=3, dead_letter=dead)
+    assert [c for c in calls if c != "poison"] == ["c-1", "c-2", "c-3", "c-4"]
+    assert calls.count("poison") == 3
+    wait_for(lambda: broker.queue_depth(dead) == 1, 10, what="the dead letter")
+    (letter,) = broker.drain(dead, count=1)
+    assert json.loads(letter.body) == {"id": "poison"}
+    assert letter.properties.message_id == "poison"
+    headers = letter.properties.headers
+    assert headers["x-attempts"] == 3 and headers["x-routing-key"] == "container.update"
+    assert headers["x-error"] == "ValueError: no such container"
+    assert broker.queue_depth(queue) == 0
+
+
+def test_bind_max_length_sends_the_overflow_to_the_dead_letter_queue(tmp_path, topology):
+    queue, dead = broker.unique("t-cap"), broker.unique("t-dead")
+    topology.queues += [queue, dead]
+    code, out, err = run_tool(tmp_path, topology, "bind", "--max-length", "2",
+                              "--dead-letter", dead, queue, "#")
+    assert code == 0 and "at most 2" in out.decode(), err
+    for n in range(3):
+        publish(topology, "node.update", b'{"n":%d}' % n)
+    assert [m.body for m in broker.drain(queue, count=2)] == [b'{"n":1}', b'{"n":2}']
+    assert [m.body for m in broker.drain(dead, count=1)] == [b'{"n":0}']
+    assert run_tool(tmp_path, topology, "bind", "--max-length", "0", queue, "#")[0] == 2

@@ -1,7 +1,11 @@
-"""`tutum-bridge bench`: the real bridge against the naive one a user would write.
+"""`tutum-bridge bench`: the real bridge against the naive one a user would write,
+and against the limits of the machine.
 
 Measures, for each bridge, burst throughput, latency at a fixed rate, CPU per event,
-peak memory and idle CPU, then prints a table (and `--json` writes every figure).
+peak memory and idle CPU, and the burst of the two ceilings (the stream read and the
+broker written as fast as this machine and these libraries allow), then prints a
+table (and `--json` writes every figure). `--soak` adds a long run at a fixed rate,
+sampled as it goes, and `--plot` draws the latency and soak phases over time.
 Whatever it started it stops, and whatever it declared on the broker it deletes,
 also on Ctrl-C, which exits 130 after the cleanup.
 """
@@ -21,10 +25,11 @@ from pathlib import Path
 
 import pika
 
+from bridge.bench import plot
 from bridge.bench.children import BenchError
-from bridge.bench.harness import BRIDGES, Bench, Settings
+from bridge.bench.harness import BRIDGES, CEILINGS, Bench, Settings
 from bridge.bench.report import ratios, table
-from bridge.config import Setting, parse_amqp_urls, redact_url, resolve
+from bridge.config import Setting, child_environment, from_environment, parse_amqp_urls, redact_url
 from bridge.config import add_arguments as add_settings
 from bridge.errors import ConfigError
 
@@ -63,12 +68,28 @@ def _seconds(text: str) -> float:
     return value
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def _duration(text: str) -> float:
+    """Seconds, from `90`, `90s`, `30m` or `2h`."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 30m or 2h, not {text!r}")
+    return value
+
+
 def _bridges(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in BRIDGES]
+    known = BRIDGES + CEILINGS
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown bridge {', '.join(unknown) or '(none)'}; choose from {','.join(BRIDGES)}")
+            f"unknown bridge {', '.join(unknown) or '(none)'}; choose from {','.join(known)}")
     return names
 
 
@@ -81,14 +102,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="length of the latency run (default 20)")
     parser.add_argument("--idle-seconds", type=_seconds, default=30.0,
                         help="how long idle CPU is measured (default 30)")
-    parser.add_argument("--bridges", type=_bridges, default=BRIDGES,
-                        help=f"which bridges to measure (default {','.join(BRIDGES)})")
+    parser.add_argument("--bridges", type=_bridges, default=BRIDGES + CEILINGS,
+                        help=f"which bridges and ceilings to measure "
+                             f"(default {','.join(BRIDGES + CEILINGS)})")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-idle", action="store_true")
     parser.add_argument("--backlog", type=_count(0), default=0, metavar="N",
                         help="also spool N events with the broker cut off and time the drain "
                              "(real bridge only; default off)")
+    parser.add_argument("--soak", type=_duration, metavar="DURATION",
+                        help="also run the real bridge this long (90s, 30m, 2h) at --soak-rate, "
+                             "sampling RSS, CPU, p99 latency and spool size")
+    parser.add_argument("--soak-rate", type=_count(1), default=2_000,
+                        help="events per second in the soak (default 2000)")
+    parser.add_argument("--sample-seconds", type=_seconds, default=10.0,
+                        help="seconds between the soak's samples (default 10)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure here")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="draw latency percentiles and RSS over time of the latency and "
+                             "soak phases (needs matplotlib: pip install 'tutum-bridge[plot]')")
     add_settings(parser, AMQP_SETTING)
 
 
@@ -105,16 +137,21 @@ def _interrupt(signum: int, _frame) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    amqp_url = resolve(args, os.environ, AMQP_SETTING)["amqp_url"][0]
-    if args.json and not args.json.parent.is_dir():
-        raise ConfigError(f"--json: no directory {args.json.parent} to write {args.json.name} in")
+    amqp_url = from_environment(args, AMQP_SETTING)["amqp_url"][0]
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not path.parent.is_dir():
+            raise ConfigError(f"{flag}: no directory {path.parent} to write {path.name} in")
+    if args.plot:
+        plot.check(args)
     if args.backlog and "real" not in args.bridges:
         say("note: --backlog measures the real bridge, which --bridges leaves out")
     settings = Settings(amqp_url=amqp_url, events=args.events, rate=args.rate,
                         latency_seconds=args.latency_seconds, idle_seconds=args.idle_seconds,
                         bridges=args.bridges, skip_latency=args.skip_latency,
-                        skip_idle=args.skip_idle, backlog=args.backlog)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP)}
+                        skip_idle=args.skip_idle, backlog=args.backlog,
+                        soak_seconds=args.soak or 0.0, soak_rate=args.soak_rate,
+                        sample_seconds=args.sample_seconds)
+    base_env = child_environment(_CHILD_ENV_DROP)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with tempfile.TemporaryDirectory(prefix="tutum-bench-") as workdir:
@@ -137,4 +174,7 @@ def main(args: argparse.Namespace) -> int:
                   "broker": bench.topology.names(), "bridges": figures,
                   "ratios": ratios(figures)}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot.draw(figures, args.plot)
+        say(f"plot written to {args.plot}")
     return 0

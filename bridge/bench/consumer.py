@@ -7,7 +7,9 @@ same machine clock; messages without them (bridge.*, user-notifications) are ski
 and duplicates of a sequence number are counted once.
 
 It writes a small progress file while it runs, and its results as JSON when it has
-the expected count or gets SIGTERM/SIGINT:
+the expected count or gets SIGTERM/SIGINT. With `--bucket-seconds S` the results also
+hold the latency percentiles of each S-second stretch of the wall clock (aligned to
+multiples of S, so the harness's samples of the bridge line up with them):
 
     python -m bridge.bench.consumer --amqp-url URL --queue Q --expect N --out F
 """
@@ -30,10 +32,14 @@ PROGRESS_EVERY = 0.25  # seconds between progress-file writes
 class Tally:
     """Counts unique sequence numbers and keeps each one's delivery latency."""
 
-    def __init__(self, expect: int) -> None:
+    def __init__(self, expect: int, bucket_seconds: float = 0.0) -> None:
         self.expect = expect
         self.seen = bytearray(expect + 1)
         self.latencies = array("d")
+        self.bucket_seconds = bucket_seconds
+        self.buckets: list[dict] = []
+        self._bucket_start: float | None = None
+        self._bucket = array("d")
         self.count = self.duplicates = self.foreign = 0
         self.first_sent = self.first_delivery = self.last_delivery = None
 
@@ -52,6 +58,12 @@ class Tally:
         self.seen[seq] = 1
         self.count += 1
         self.latencies.append(now - sent)
+        if self.bucket_seconds:
+            start = math.floor(now / self.bucket_seconds) * self.bucket_seconds
+            if start != self._bucket_start:
+                self._close_bucket()
+                self._bucket_start = start
+            self._bucket.append(now - sent)
         self.first_sent = sent if self.first_sent is None else min(self.first_sent, sent)
         self.first_delivery = self.first_delivery or now
         self.last_delivery = now
@@ -60,13 +72,24 @@ class Tally:
     def done(self) -> bool:
         return self.count >= self.expect
 
+    def _close_bucket(self) -> None:
+        if self._bucket:
+            self.buckets.append({"t": self._bucket_start, "events": len(self._bucket),
+                                 **percentiles(self._bucket)})
+        self._bucket = array("d")
+
     def results(self) -> dict:
-        ordered = sorted(self.latencies)
+        self._close_bucket()
         return {"count": self.count, "expect": self.expect, "duplicates": self.duplicates,
                 "foreign": self.foreign, "first_sent": self.first_sent,
                 "first_delivery": self.first_delivery, "last_delivery": self.last_delivery,
-                "latency_ms": {"p50": _ms(ordered, 0.50), "p99": _ms(ordered, 0.99),
-                               "max": _ms(ordered, 1.0)}}
+                "latency_ms": percentiles(self.latencies), "buckets": self.buckets}
+
+
+def percentiles(latencies) -> dict:
+    """p50, p99 and max of latencies in seconds, in milliseconds."""
+    ordered = sorted(latencies)
+    return {"p50": _ms(ordered, 0.50), "p99": _ms(ordered, 0.99), "max": _ms(ordered, 1.0)}
 
 
 def _ms(ordered, q: float) -> float | None:
@@ -91,12 +114,14 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="results JSON, written at the end")
     parser.add_argument("--progress", help="file rewritten with {count, at} while running")
     parser.add_argument("--ready-file", help="written once the consumer is registered")
+    parser.add_argument("--bucket-seconds", type=float, default=0.0,
+                        help="also give latency percentiles per stretch of this length")
     args = parser.parse_args()
 
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
-    tally = Tally(args.expect)
+    tally = Tally(args.expect, args.bucket_seconds)
     connection = pika.BlockingConnection(pika.URLParameters(args.amqp_url))
     channel = connection.channel()
     channel.basic_consume(args.queue, lambda _ch, _m, _p, body: tally.add(body, time.time()),

@@ -3,7 +3,9 @@
 Every measurement is a fresh session: a simulator that starts sending when a client
 connects, the benchmark's consumer on the run's queue, and the bridge under test,
 all separate processes on real sockets. Bridges run one after another, never side by
-side, so each has the machine (such as it is) to itself.
+side, so each has the machine (such as it is) to itself. The ceilings
+(bridge/bench/ceiling.py) are measured the same way, burst only; the soak runs the
+real bridge at a fixed rate for a long time, sampled as it goes (bridge/bench/timeline.py).
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ import psutil
 from bridge.bench.children import BenchError, Child, Children, sim_stats, wait_until
 from bridge.bench.meter import Meter
 from bridge.bench.proxy import PausedProxy
+from bridge.bench.timeline import Sampler, flatness, join
 from bridge.bench.topology import Topology
+from bridge.config import RUN_SETTINGS
 
 BRIDGES = ("real", "naive-confirm", "naive-fire")
+CEILINGS = ("stream-ceiling", "broker-ceiling")
+LATENCY_SAMPLE = 1.0   # seconds between samples of the latency phase (for the plot)
+# The real bridge's default window of unconfirmed events, which the broker ceiling uses.
+WINDOW = int(next(s.default for s in RUN_SETTINGS if s.name == "inflight"))
 SIM_USER = "bench"
 IDLE_SETTLE = 1.0      # seconds after the last event before idle CPU is measured
 STALL_SECONDS = 30.0   # no progress this long: the bridge is stuck, give up
@@ -39,10 +47,13 @@ class Settings:
     rate: int = 1_000
     latency_seconds: float = 20.0
     idle_seconds: float = 30.0
-    bridges: tuple[str, ...] = BRIDGES
+    bridges: tuple[str, ...] = BRIDGES + CEILINGS
     skip_latency: bool = False
     skip_idle: bool = False
     backlog: int = 0
+    soak_seconds: float = 0.0
+    soak_rate: int = 2_000
+    sample_seconds: float = 10.0
 
 
 @dataclass
@@ -52,9 +63,10 @@ class Session:
     name: str
     sim: Child
     bridge: Child
-    consumer: Child
+    consumer: Child | None      # none for the stream ceiling, which publishes nothing
     results: Path
     progress: Path
+    ceiling_out: Path
     meter: Meter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,7 +74,7 @@ class Session:
 
     @property
     def processes(self) -> list[Child]:
-        return [self.sim, self.bridge, self.consumer]
+        return [c for c in (self.sim, self.bridge, self.consumer) if c is not None]
 
 
 class Bench:
@@ -83,6 +95,8 @@ class Bench:
             figures = {bridge: self.measure(bridge) for bridge in self.settings.bridges}
             if self.settings.backlog:
                 figures.setdefault("real", {})["backlog"] = self.backlog()
+            if self.settings.soak_seconds:
+                figures.setdefault("real", {})["soak"] = self.soak()
             return figures
         finally:
             self.children.stop_all()
@@ -93,14 +107,20 @@ class Bench:
 
     def measure(self, bridge: str) -> dict:
         s = self.settings
+        if bridge in CEILINGS:
+            burst = self.ceiling_burst(bridge)
+            return {"burst": burst, "peak_rss_bytes": burst["peak_rss_bytes"]}
         figures = {"burst": self.burst(bridge)}
         if not s.skip_latency:
             count = round(s.rate * s.latency_seconds)
-            with self.session(bridge, "latency", count, "--rate", str(s.rate)) as session:
-                got = self.deliver(session, count)
+            with self.session(bridge, "latency", count, "--rate", str(s.rate),
+                              buckets=LATENCY_SAMPLE) as session:
+                sampler = self.sampler(session, LATENCY_SAMPLE)
+                got = self.deliver(session, count, tick=sampler.tick)
                 figures["latency"] = {"rate": s.rate, "events": count,
                                       "latency_ms": got["latency_ms"],
-                                      "peak_rss_bytes": session.meter.peak_rss()}
+                                      "peak_rss_bytes": session.meter.peak_rss(),
+                                      "samples": join(sampler.samples, got["buckets"])}
                 if not s.skip_idle:
                     figures["idle"] = self.idle(session)
         elif not s.skip_idle:
@@ -117,12 +137,64 @@ class Bench:
         with self.session(bridge, "burst", n, "--rate", "0") as session:
             cpu_before = self.cpu_when_sending(session)
             got = self.deliver(session, n)
-            cpu = session.meter.cpu() - cpu_before
-            seconds = got["last_delivery"] - got["first_sent"]
-            return {"events": n, "seconds": seconds, "events_per_second": n / seconds,
-                    "cpu_seconds": cpu, "cpu_seconds_per_10k": cpu * 10_000 / n,
-                    "peak_rss_bytes": session.meter.peak_rss(),
+            return {**_burst(session, n, got["last_delivery"] - got["first_sent"],
+                             session.meter.cpu() - cpu_before),
                     "latency_ms": got["latency_ms"], "duplicates": got["duplicates"]}
+
+    def ceiling_burst(self, ceiling: str) -> dict:
+        """The stream ceiling from the first send to its last frame; the broker ceiling
+        from its first publish (its messages read and built beforehand) to the last
+        delivery. Each times its own CPU over that stretch: a small burst is over before
+        the harness could read a figure from outside."""
+        n = self.settings.events
+        with self.session(ceiling, "burst", n, "--rate", "0",
+                          consumer=ceiling == "broker-ceiling") as session:
+            out = session.ceiling_out
+            if ceiling == "stream-ceiling":
+                got = self._follow(session, n, "received",
+                                   lambda: "cpu_seconds" in _read_json(out),
+                                   lambda: sim_stats(session.sim).get("sent", 0),
+                                   lambda: _read_json(out))
+                return _burst(session, n, got["last_received"] - got["first_sent"],
+                              got["cpu_seconds"])
+            wait_until(out.exists, STALL_SECONDS + n / 1000,
+                       f"{session.name} to read and build its messages", session.bridge)
+            got = self.deliver(session, n)
+            wait_until(lambda: "cpu_seconds" in _read_json(out), STALL_SECONDS,
+                       f"{session.name} to see its last confirm", session.bridge)
+            return _burst(session, n, got["last_delivery"] - _read_json(out)["started"],
+                          _read_json(out)["cpu_seconds"])
+
+    def soak(self) -> dict:
+        """The real bridge at a fixed rate for a long time, sampled as it goes."""
+        s = self.settings
+        count = round(s.soak_rate * s.soak_seconds)
+        with self.session("real", "soak", count, "--rate", str(s.soak_rate),
+                          buckets=s.sample_seconds) as session:
+            sampler = self.sampler(session, s.sample_seconds)
+            got = self.deliver(session, count, tick=sampler.tick)
+            samples = join(sampler.samples, got["buckets"])
+            return {"rate": s.soak_rate, "seconds": s.soak_seconds, "events": count,
+                    "sample_seconds": s.sample_seconds, "latency_ms": got["latency_ms"],
+                    "peak_rss_bytes": session.meter.peak_rss(),
+                    "duplicates": got["duplicates"], "samples": samples,
+                    "summary": flatness(samples)}
+
+    def sampler(self, session: Session, interval: float) -> Sampler:
+        spooled = session.name.startswith("real")
+        return Sampler(session.meter, interval,
+                       lambda: _read_json(session.progress).get("count", 0),
+                       lambda: self.spool_bytes(session) if spooled else None)
+
+    def spool_bytes(self, session: Session) -> int:
+        """The real bridge's spool on disk: database, WAL and shared-memory index."""
+        total = 0
+        for path in self.workdir.glob(f"{session.name}.spool*"):
+            try:
+                total += path.stat().st_size
+            except OSError:
+                continue  # SQLite removed it as we looked
+        return total
 
     def idle(self, session: Session) -> dict:
         wait_until(lambda: _connected(session), 30, f"{session.name} to connect", session.bridge)
@@ -148,8 +220,7 @@ class Bench:
                               env={"BRIDGE_RECONNECT_MAX": "1"}) as session:
                 self.wait_spooled(session, n)
                 waiting_rss = session.meter.peak_rss()
-                spool_bytes = sum(p.stat().st_size
-                                  for p in self.workdir.glob(f"{session.name}.spool*"))
+                spool_bytes = self.spool_bytes(session)
                 resumed_at = time.time()
                 proxy.resume()
                 got = self.deliver(session, n)
@@ -165,7 +236,8 @@ class Bench:
 
     @contextmanager
     def session(self, bridge: str, phase: str, count: int, *sim_flags: str,
-                amqp_url: str | None = None, env: dict | None = None) -> Iterator[Session]:
+                amqp_url: str | None = None, env: dict | None = None, consumer: bool = True,
+                buckets: float = 0.0) -> Iterator[Session]:
         name = f"{bridge}-{phase}"
         self.topology.purge(self.settings.amqp_url)
         started: list[Child] = []
@@ -175,24 +247,30 @@ class Bench:
             started.append(sim)
             results = self.workdir / f"{name}.results.json"
             progress = self.workdir / f"{name}.progress.json"
-            consumer = self.start_consumer(name, count, results, progress)
-            started.append(consumer)
-            started.append(self.start_bridge(bridge, name, sim, amqp_url, env or {}))
-            yield Session(name, sim, started[-1], consumer, results, progress)
+            ceiling_out = self.workdir / f"{name}.ceiling.json"
+            reader = None
+            if consumer:
+                reader = self.start_consumer(name, count, results, progress, buckets)
+                started.append(reader)
+            started.append(self.start_bridge(bridge, name, sim, count, ceiling_out, amqp_url,
+                                             env or {}))
+            yield Session(name, sim, started[-1], reader, results, progress, ceiling_out)
         finally:
             self.children.stop(*reversed(started))
 
-    def start_consumer(self, name: str, count: int, results: Path, progress: Path) -> Child:
+    def start_consumer(self, name: str, count: int, results: Path, progress: Path,
+                       buckets: float) -> Child:
         ready = self.workdir / f"{name}.consumer.ready"
         consumer = self.children.start(f"{name}.consumer", [
             "-m", "bridge.bench.consumer", "--amqp-url", self.settings.amqp_url,
             "--queue", self.topology.queue, "--expect", str(count), "--out", str(results),
-            "--progress", str(progress), "--ready-file", str(ready)])
+            "--progress", str(progress), "--ready-file", str(ready),
+            "--bucket-seconds", str(buckets)])
         wait_until(ready.exists, 20, "the consumer to start", consumer)
         return consumer
 
-    def start_bridge(self, bridge: str, name: str, sim: Child, amqp_url: str | None,
-                     env: dict) -> Child:
+    def start_bridge(self, bridge: str, name: str, sim: Child, count: int, ceiling_out: Path,
+                     amqp_url: str | None, env: dict) -> Child:
         amqp_url = amqp_url or self.settings.amqp_url
         if bridge == "real":
             # No metrics listener: nothing to measure there, and no port 9120 to clash on.
@@ -206,6 +284,12 @@ class Bench:
                 "LOG_LEVEL": "warning", **env})
         stream = f"{sim.info['url']}/v1/events?" + urlencode({"token": self.apikey,
                                                                "user": SIM_USER})
+        if bridge in CEILINGS:
+            kind = bridge.split("-")[0]
+            return self.children.start(name, [
+                "-m", "bridge.bench.ceiling", kind, stream, "--expect", str(count),
+                "--out", str(ceiling_out), "--amqp-url", amqp_url,
+                "--exchange", self.topology.exchange, "--window", str(WINDOW)])
         confirm = "--confirm" if bridge == "naive-confirm" else "--no-confirm"
         return self.children.start(name, ["-m", "bridge.bench.naive", confirm, stream,
                                           amqp_url, self.topology.exchange])
@@ -218,11 +302,12 @@ class Bench:
                    f"{session.name} to connect", session.bridge, session.sim, interval=0.01)
         return session.meter.cpu()
 
-    def deliver(self, session: Session, expect: int) -> dict:
+    def deliver(self, session: Session, expect: int,
+                tick: Callable[[], None] | None = None) -> dict:
         """The consumer's results once it has every event, printing progress each second."""
         return self._follow(session, expect, "delivered", session.results.exists,
                             lambda: _read_json(session.progress).get("count", 0),
-                            lambda: _read_json(session.results))
+                            lambda: _read_json(session.results), tick)
 
     def wait_spooled(self, session: Session, expect: int) -> None:
         """Until the simulator has sent all and the bridge has stopped working on them."""
@@ -235,16 +320,22 @@ class Bench:
                    session.bridge)
 
     def _follow(self, session: Session, expect: int, verb: str, done: Callable[[], bool],
-                count: Callable[[], int], result: Callable[[], dict | None]) -> dict | None:
-        """Polls `done`, saying `count` each second; fails if a process dies or it stalls."""
+                count: Callable[[], int], result: Callable[[], dict | None],
+                tick: Callable[[], None] | None = None) -> dict | None:
+        """Polls `done`, saying `count` each second; fails if a process dies or it stalls.
+
+        `tick`, if given, is called on every poll (a sampler that takes what is due)."""
         phase = session.name.split("-")[-1]
         last_count, last_at, changed_at = 0, time.monotonic(), time.monotonic()
         while not done():
             for child in session.processes:
                 if child is not session.consumer:
                     child.check()
-            if session.consumer.popen.poll() is not None and not session.results.exists():
+            if session.consumer is not None and session.consumer.popen.poll() is not None \
+                    and not session.results.exists():
                 session.consumer.check()
+            if tick is not None:
+                tick()
             now = time.monotonic()
             if now - last_at >= 1.0:
                 current = count()
@@ -259,6 +350,12 @@ class Bench:
                 last_count, last_at = current, now
             time.sleep(0.05)
         return result()
+
+
+def _burst(session: Session, n: int, seconds: float, cpu: float) -> dict:
+    return {"events": n, "seconds": seconds, "events_per_second": n / seconds,
+            "cpu_seconds": cpu, "cpu_seconds_per_10k": cpu * 10_000 / n,
+            "peak_rss_bytes": session.meter.peak_rss()}
 
 
 def _connected(session: Session) -> bool:

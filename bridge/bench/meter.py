@@ -37,6 +37,10 @@ class Meter:
                 continue  # the thread ended while we looked
         return total / 1e9
 
+    def rss(self) -> int:
+        """Bytes resident now."""
+        return self.process.memory_info().rss
+
     def peak_rss(self) -> int:
         """Bytes; the largest the process has been since it started."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():

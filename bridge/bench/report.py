@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from bridge.bench.harness import CEILINGS
+
 MiB = 1024 * 1024
+SHARE = "real/min(ceilings)"
 
 
 def _get(*path: str) -> Callable[[dict], float | None]:
@@ -28,15 +31,23 @@ COLUMNS: list[tuple[str, Callable[[dict], float | None], str]] = [
 
 
 def ratios(figures: dict) -> dict:
-    """The real bridge against each naive one: burst throughput and CPU per event."""
+    """The real bridge against each naive one (burst throughput and CPU per event), and
+    its burst as a share of the lower ceiling: how close it comes to the machine's limit."""
     real = figures.get("real")
+    if real is None:
+        return {}
+    burst = _get("burst", "events_per_second")
     out = {}
     for name, other in figures.items():
-        if real is None or name == "real":
+        if name == "real" or name in CEILINGS:
             continue
         out[f"real/{name}"] = {
-            "burst": _ratio(real, other, _get("burst", "events_per_second")),
+            "burst": _ratio(real, other, burst),
             "cpu_per_event": _ratio(real, other, _get("burst", "cpu_seconds_per_10k"))}
+    ceilings = {name: burst(figures[name]) for name in CEILINGS if name in figures}
+    if ceilings:
+        limit = min(ceilings, key=ceilings.get)
+        out[SHARE] = {"burst": _ratio(real, figures[limit], burst), "limit": limit}
     return out
 
 
@@ -57,6 +68,11 @@ def table(figures: dict) -> str:
     lines.insert(1, "-" * len(lines[0]))
     for pair, r in ratios(figures).items():
         burst = "-" if r["burst"] is None else f"{r['burst']:.2f}x"
+        if pair == SHARE:
+            share = "-" if r["burst"] is None else f"{100 * r['burst']:.0f}%"
+            lines.append(f"{pair}: burst throughput {burst} ({share} of the limit, "
+                         f"set by {r['limit']})")
+            continue
         cpu = "-" if r["cpu_per_event"] is None else f"{r['cpu_per_event']:.2f}x"
         lines.append(f"{pair}: burst throughput {burst}, CPU per event {cpu}")
     backlog = figures.get("real", {}).get("backlog")
@@ -65,4 +81,34 @@ def table(figures: dict) -> str:
                      f"{backlog['peak_rss_waiting_bytes'] / MiB:.1f} MiB, spool "
                      f"{backlog['spool_bytes'] / MiB:.1f} MiB, drained at "
                      f"{backlog['drain_events_per_second']:.0f} ev/s")
+    soak = figures.get("real", {}).get("soak")
+    if soak:
+        lines += soak_summary(soak)
     return "\n".join(lines)
+
+
+SOAK_FIGURES = (("rss_bytes", "RSS MiB", MiB), ("cpu_seconds_per_10k", "CPU s/10k", 1),
+                ("p99_ms", "p99 ms", 1), ("spool_bytes", "spool MiB", MiB))
+
+
+def soak_summary(soak: dict) -> list[str]:
+    """First tenth against last tenth of the soak's samples, figure by figure."""
+    latency = soak["latency_ms"]
+    lines = [f"real soak: {soak['events']} events at {soak['rate']}/s for "
+             f"{soak['seconds']:g} s, {len(soak['samples'])} samples of "
+             f"{soak['sample_seconds']:g} s; whole run p50 {_fmt(latency['p50'])} ms, "
+             f"p99 {_fmt(latency['p99'])} ms, max {_fmt(latency['max'])} ms"]
+    for key, title, unit in SOAK_FIGURES:
+        f = soak["summary"][key]
+        first, last = (None if v is None else v / unit for v in (f["first_tenth"],
+                                                                  f["last_tenth"]))
+        change = "-" if f["change"] is None else f"{100 * f['change']:+.1f}%"
+        verdict = "flat" if f["flat"] else "NOT flat"
+        extra = f", worst sample {_fmt(f['max'])}" if "max" in f else ""
+        lines.append(f"  {title:10} first tenth {_fmt(first)}, last tenth {_fmt(last)}: "
+                     f"{change}, {verdict}{extra}")
+    return lines
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

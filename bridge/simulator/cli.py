@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import time
 from pathlib import Path
@@ -81,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the event generator: the same seed, the same stream")
     parser.add_argument("--sequence", action="store_true",
                         help='add "sim_seq" (global, from 1) and "sim_sent_at" to each event')
+    parser.add_argument("--fanout", action="store_true",
+                        help="events happen in real time and every connected client gets "
+                        "each one (several replicas of one account); default: each event "
+                        "goes to one connection, handed over without loss")
     parser.add_argument("--replay", type=_file, metavar="FILE",
                         help="send each line of a JSON-lines file verbatim instead")
     faults = parser.add_argument_group("fault injection")
@@ -99,13 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    values = config.resolve(args, os.environ, CREDENTIAL_SETTINGS)
+    values = config.from_environment(args, CREDENTIAL_SETTINGS)
     if args.keyfile and not args.certfile:
         raise ConfigError("--keyfile needs --certfile")
     if args.stall_seconds is not None and not args.stall_after:
         raise ConfigError("--stall-seconds needs --stall-after")
     if args.ready_file and not args.ready_file.parent.is_dir():
         raise ConfigError(f"--ready-file: no directory {args.ready_file.parent}")
+    if args.fanout and args.stall_after:
+        raise ConfigError("--stall-after is not supported with --fanout")
     if not values["user"] or not values["apikey"]:
         raise ConfigError("empty user name or API key")
 
@@ -122,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
         sequence=args.sequence and not args.replay,
         drop_every=args.drop_every, stall_after=args.stall_after,
         stall_seconds=args.stall_seconds or 30.0, ready_file=args.ready_file,
-        certfile=args.certfile, keyfile=args.keyfile, seed=seed)
+        certfile=args.certfile, keyfile=args.keyfile, seed=seed, fanout=args.fanout)
     simulator = Simulator(
         settings, Credentials(values["user"], values["apikey"], values["auth"]),
         Source(frames(bodies, args.count, args.malformed_every)), clock)

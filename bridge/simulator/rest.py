@@ -76,9 +76,14 @@ class Registry:
             except ValueError:
                 continue
             if isinstance(event, dict):
-                self.apply(event)
+                self._apply(event)
 
     def apply(self, event: dict) -> None:
+        """An event that changes the objects without being sent (after those sent)."""
+        self._fold()
+        self._apply(event)
+
+    def _apply(self, event: dict) -> None:
         """Take one event into the objects (events without a REST URI change nothing)."""
         where = parse_uri(event.get("resource_uri"))
         if where is None:

@@ -33,11 +33,13 @@ from websockets.http11 import Request, Response
 from bridge.errors import BridgeError
 from bridge.simulator import rest
 from bridge.simulator.auth import Credentials
+from bridge.simulator.fanout import Broadcast, FanoutSession
 from bridge.simulator.session import Session, peer
 from bridge.simulator.source import Source
 
 EVENTS_PATHS = ("/v1/events", "/v1/events/")
 STATS_LOG_SECONDS = 10.0
+SESSIONS_KEPT = 1000        # connections /stats reports on, the latest
 SHUTDOWN_SECONDS = 1.0      # for clients to answer the closing handshake
 
 
@@ -56,6 +58,7 @@ class Settings:
     certfile: Path | None = None
     keyfile: Path | None = None
     seed: int = 0
+    fanout: bool = False                # every open connection gets every event (fanout.py)
 
 
 @dataclass
@@ -67,7 +70,7 @@ class Stats:
     connections: int = 0    # authenticated connections so far
     active: int = 0         # authenticated connections open now
     rejected: int = 0       # failed logins
-    last_seq: int = 0       # the last sim_seq given (= sent)
+    last_seq: int = 0       # the last sim_seq given (= sent; with --fanout, events happened)
 
 
 def make_logger():
@@ -109,7 +112,10 @@ class Simulator:
         self.clock = clock          # the world's time, for the notifications' datetimes
         self.stats = Stats()
         self.rest = rest.Registry()     # what the events sent say about each object
+        self.url: str | None = None     # ws://host:port, once listening
         self.log = make_logger()
+        self.broadcast = Broadcast(self) if settings.fanout else None
+        self.sessions: dict[int, Session] = {}      # the latest SESSIONS_KEPT, for /stats
 
     # --- HTTP -----------------------------------------------------------------------
 
@@ -125,10 +131,15 @@ class Simulator:
             return rest.respond(ws, request.path, request.headers, self.credentials,
                                 self.rest)
         if path == "/stats":
-            return rest.json_response(ws, http.HTTPStatus.OK, asdict(self.stats))
+            return rest.json_response(ws, http.HTTPStatus.OK, self.stats_report())
         if path == "/healthz":
             return ws.respond(http.HTTPStatus.OK, "ok\n")
         return ws.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    def stats_report(self) -> dict:
+        """The counters, and per connection what it was sent."""
+        return {**asdict(self.stats),
+                "per_connection": {str(n): s.report() for n, s in self.sessions.items()}}
 
     # --- websocket ----------------------------------------------------------------------
 
@@ -140,7 +151,11 @@ class Simulator:
                 return
             self.stats.connections += 1
             self.stats.active += 1
-            session = Session(self, ws, self.stats.connections, user)
+            number = self.stats.connections
+            session = (FanoutSession(self, ws, number, user, self.broadcast) if self.broadcast
+                       else Session(self, ws, number, user))
+            self.sessions[number] = session
+            self.sessions.pop(number - SESSIONS_KEPT, None)
             session.log.info("connected", user=user)
             try:
                 await session.run()
@@ -160,8 +175,9 @@ class Simulator:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def serve(self) -> None:
-        """Listen, announce readiness, and run until SIGTERM or SIGINT."""
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Listen, announce readiness (`url` is set then), and run until `stop` is set:
+        by default SIGTERM or SIGINT (the testing kit runs it in a thread, with its own)."""
         settings = self.settings
         tls = _tls_context(settings)
         try:
@@ -175,15 +191,17 @@ class Simulator:
                               f"{exc.strerror or exc}") from None
         port = server.sockets[0].getsockname()[1]
         url = f"{'wss' if tls else 'ws'}://{_url_host(settings.host)}:{port}"
+        self.url = url
         if settings.ready_file:
             _write_atomically(settings.ready_file, {"port": port, "url": url})
         self.log.info("listening", url=url, events=f"{url}/v1/events", rate=settings.rate,
                       seed=settings.seed)
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        if stop is None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
         reporter = asyncio.create_task(self._report())
         await stop.wait()
         reporter.cancel()

@@ -70,6 +70,10 @@ class Session:
             discard.cancel()
             self._enter(Phase.CLOSED, code=_close_code(self.ws))
 
+    def report(self) -> dict:
+        """What `/stats` says about this connection."""
+        return {"sent": self.sent, "open": self.phase is not Phase.CLOSED}
+
     async def _greet(self) -> None:
         rng = Random(f"{self.sim.settings.seed}-notifications-{self.number}")
         await self.ws.send(json.dumps({"type": "auth", "user": self.user}))
@@ -123,7 +127,7 @@ class Session:
                 valid += 1
                 events.append(payload)
                 if sequence:
-                    payload = _stamp(payload, stats.last_seq + valid)
+                    payload = stamp(payload, stats.last_seq + valid)
             if frame.text:
                 protocol.send_text(payload)
             else:
@@ -171,7 +175,7 @@ class Session:
             raise ConnectionClosed(None, None)
 
 
-def _stamp(payload: bytes, seq: int) -> bytes:
+def stamp(payload: bytes, seq: int) -> bytes:
     """The event with `sim_seq` and `sim_sent_at` appended to its JSON object."""
     return b"%s, \"sim_seq\": %d, \"sim_sent_at\": %.6f}" % (
         payload[:payload.rindex(b"}")], seq, time.time())

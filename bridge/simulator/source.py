@@ -92,6 +92,11 @@ class Source:
             self._returned.extendleft(reversed(unsent))
             self._refilled.set()
 
+    def push(self, frames: list[Frame]) -> None:
+        """Frames to send after everything pending: a test scripting its stream."""
+        self._returned.extend(frames)
+        self._refilled.set()
+
     async def wait_refill(self) -> None:
         """Wait until frames are given back after the stream ended (a client died)."""
         self._refilled.clear()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from bridge.config import TOPOLOGY_SETTINGS
 from bridge.config import add_arguments as add_setting_arguments
-from bridge.config import amqp_config, parse_seconds, resolve
+from bridge.config import amqp_config, child_environment, from_environment, parse_seconds
 from bridge.errors import EXIT_FAILURE, EXIT_OK, BridgeError
 from bridge.tools import broker
 from bridge.tools.tail import READY_LINE
@@ -151,10 +150,10 @@ def _wait_ready(child: _Child, ready, stop: broker.StopRequest) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    values = resolve(args, os.environ, SETTINGS)
+    values = from_environment(args, SETTINGS)
     amqp, _ = amqp_config(values)
     patterns = args.patterns or ["#"]
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
+    base_env = child_environment(_OWN_PREFIXES)
     amqp_env = {"AMQP_URL": ",".join(amqp.urls), "BRIDGE_EXCHANGE": amqp.exchange,
                 "BRIDGE_UNROUTED": values["unrouted"]}
     for name, path in (("AMQP_CA_FILE", amqp.ca_file), ("AMQP_CERT_FILE", amqp.cert_file),

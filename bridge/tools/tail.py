@@ -11,6 +11,11 @@ Output is one line per event and flushed per line, so `tail | grep` works: local
 time, routing key, `state` header and `resource_uri` header in aligned columns (a
 summary for the bridge's own events and for quarantined frames). `--json` prints each
 body instead, exactly as published, one per line.
+
+`--since 10m|2h|1d|first` reads the history stream instead (`BRIDGE_HISTORY`,
+docs/contract.md section 8): the events from then on, in order, then the live ones,
+filtered by the patterns here since the stream holds every key. Reading a stream
+takes nothing from anyone.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ import time
 
 import pika.exceptions
 
+from bridge.config import TOPOLOGY_SETTINGS, amqp_config, from_environment
 from bridge.config import add_arguments as add_setting_arguments
-from bridge.config import amqp_config, resolve
 from bridge.errors import EXIT_OK, BridgeError, ConfigError
 from bridge.log import scrub
 from bridge.event import excerpt
-from bridge.tools import broker
+from bridge.tools import broker, history
 
 PREFETCH = 100
 POLL_SECONDS = 0.2          # how soon a stop request is noticed while no event arrives
@@ -36,6 +41,7 @@ KEY_WIDTH, STATE_WIDTH = 24, 12
 DETAIL_MAX = 160
 EXCERPT_MAX = 100           # of a body shown for want of a resource_uri
 READY_LINE = "tutum-bridge tail: watching"   # on stderr once bound: the demo waits for it
+SETTINGS = broker.SETTINGS + tuple(s for s in TOPOLOGY_SETTINGS if s.name == "history_queue")
 
 
 def positive_int(text: str) -> int:
@@ -51,10 +57,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print each message body, one per line, instead of a summary")
     parser.add_argument("--count", type=positive_int, metavar="N",
                         help="exit after N events")
+    parser.add_argument("--since", metavar="WHEN", type=_since,
+                        help="replay the history stream from WHEN (10m, 2h, 1d, first, or an "
+                             "offset), then follow live")
     parser.add_argument("--queue", metavar="NAME",
                         help="consume this existing queue (taking its messages) instead of "
                              "binding a temporary one")
-    add_setting_arguments(parser, broker.SETTINGS)
+    add_setting_arguments(parser, SETTINGS)
+
+
+def _since(text: str):
+    try:
+        return history.parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _printable(value: object) -> str:
@@ -129,6 +145,9 @@ class JsonPrinter:
 
 def _source(channel, args: argparse.Namespace, exchange: str, unrouted: str) -> str:
     """The queue to consume: the one named by --queue, or a temporary one bound here."""
+    if args.since is not None:
+        history.open_stream(channel, args.history_queue)
+        return args.history_queue
     if args.queue:
         try:
             channel.queue_declare(args.queue, passive=True)
@@ -146,11 +165,15 @@ def _source(channel, args: argparse.Namespace, exchange: str, unrouted: str) -> 
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.queue and args.since is not None:
+        raise ConfigError("--since reads the history stream: give no --queue with it")
     if args.queue and args.patterns:
         raise ConfigError("--queue reads a queue as it is bound: give no PATTERN with it "
                           "(tutum-bridge bind adds bindings)")
-    values = resolve(args, os.environ, broker.SETTINGS)
+    values = from_environment(args, SETTINGS)
+    args.history_queue = values["history_queue"]
     amqp, secrets = amqp_config(values)
+    patterns = args.patterns or ["#"]
     printer = JsonPrinter(sys.stdout) if args.json else HumanPrinter(sys.stdout)
     try:
         connection = broker.connect(amqp, secrets, "tail")
@@ -162,15 +185,23 @@ def main(args: argparse.Namespace) -> int:
             queue = _source(channel, args, amqp.exchange, values["unrouted"])
             channel.basic_qos(prefetch_count=PREFETCH)
             what = f"queue {queue!r}" if args.queue else (
-                f"{amqp.exchange!r} for " + " ".join(repr(p) for p in args.patterns or ["#"]))
+                f"{amqp.exchange!r} for " + " ".join(repr(p) for p in patterns))
+            arguments = None
+            if args.since is not None:
+                what = f"history {queue!r} for " + " ".join(repr(p) for p in patterns)
+                arguments = {"x-stream-offset": args.since}
             sys.stderr.write(f"{READY_LINE} {what} (Ctrl-C to stop)\n")
             sys.stderr.flush()
             seen = 0
-            for method, properties, body in channel.consume(queue,
-                                                             inactivity_timeout=POLL_SECONDS):
+            for method, properties, body in channel.consume(
+                    queue, arguments=arguments, inactivity_timeout=POLL_SECONDS):
                 if stop.requested:
                     return EXIT_OK
                 if method is None:
+                    continue
+                if arguments and not any(history.matches(p, method.routing_key)
+                                         for p in patterns):
+                    channel.basic_ack(method.delivery_tag)
                     continue
                 printer(method.routing_key, properties, body)
                 channel.basic_ack(method.delivery_tag)

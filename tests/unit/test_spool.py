@@ -1,0 +1,170 @@
+"""Unit tests of the spool: what it stores, what it reads back, what a full disk does.
+
+A real SQLite file in a temporary directory; a full disk is SQLite's own SQLITE_FULL,
+caused by capping the database's page count (`PRAGMA max_page_count`), which is
+what SQLite reports for ENOSPC too. The real full filesystem is tests/test_disk_full.py.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from bridge import spool as spool_mod
+from bridge.event import Event, classify, derive_headers
+from bridge.spool import Spool, SpoolUnwritable
+
+
+def event(n: int, size: int = 0) -> Event:
+    body = b'{"type": "container", "action": "update", "n": %d, "pad": "%s"}' % (n, b"x" * size)
+    return classify(body, 1000.0 + n)
+
+
+def open_spool(path, **kw) -> Spool:
+    kw.setdefault("window", 0)          # every read goes to the database
+    return Spool(path / "spool.sqlite3", 1 << 30, **kw)
+
+
+def test_read_back_gives_the_stored_headers_without_classifying_again(tmp_path):
+    spool = open_spool(tmp_path, legacy_headers=lambda body: pytest.fail("classified again"))
+    # Headers no function of the body could give: only storing them returns them.
+    spool.append([Event("a.b", b"{}", 1.0, {"type": "a", "only": "stored"})])
+    [(seq, back)] = spool.read(1, 10)
+    assert (seq, back.routing_key, back.headers, back.body) == (
+        1, "a.b", {"type": "a", "only": "stored"}, b"{}")
+    spool.close()
+
+
+def test_rows_of_an_old_spool_without_headers_are_still_readable(tmp_path):
+    spool = open_spool(tmp_path, legacy_headers=derive_headers)
+    old = event(1)
+    spool.append([old])
+    spool._db.execute("UPDATE events SET headers = NULL")    # as rows were written before
+    [(seq, back)] = spool.read(1, 1)
+    assert seq == 1 and back.headers == old.headers
+    spool.close()
+
+
+def test_reopening_restores_counts_bytes_and_sequence(tmp_path):
+    spool = open_spool(tmp_path)
+    spool.append([event(n) for n in range(50)])
+    spool.confirm(20)
+    pending, size, last = spool.pending, spool.bytes, spool.last_seq
+    spool.close()
+    again = open_spool(tmp_path)
+    assert (again.pending, again.bytes, again.last_seq, again.confirmed) == (pending, size, last, 20)
+    assert again.recovered == 30
+    assert [seq for seq, _ in again.read(0, 100)] == list(range(21, 51))
+    again.close()
+
+
+def test_opening_does_not_scan_the_events(tmp_path, monkeypatch):
+    """Opening costs the same whatever the spool holds: no COUNT or SUM over events."""
+    spool = open_spool(tmp_path)
+    spool.append([event(n) for n in range(100)])
+    spool.close()
+    statements: list[str] = []
+    real_connect = sqlite3.connect
+
+    def traced(*args, **kwargs):
+        db = real_connect(*args, **kwargs)
+        db.set_trace_callback(statements.append)
+        return db
+
+    monkeypatch.setattr(spool_mod.sqlite3, "connect", traced)
+    again = open_spool(tmp_path)
+    opened = list(statements)
+    again.close()
+    reading = [s for s in opened if "FROM events" in s]
+    assert reading == ["SELECT MIN(seq), MAX(seq) FROM events"], opened
+    assert again.recovered == 100
+
+
+def test_a_spool_from_before_the_byte_counter_is_summed_once(tmp_path):
+    spool = open_spool(tmp_path)
+    spool.append([event(n) for n in range(10)])
+    size = spool.bytes
+    spool.close()
+    db = sqlite3.connect(tmp_path / "spool.sqlite3")
+    db.execute("DELETE FROM meta WHERE key = 'bytes'")
+    db.commit()
+    db.close()
+    again = open_spool(tmp_path)
+    assert again.bytes == size
+    again.close()
+
+
+def test_a_full_disk_refuses_the_whole_batch_and_keeps_the_spool_usable(tmp_path):
+    errors = []
+    spool = open_spool(tmp_path, on_error=lambda op, exc: errors.append(op))
+    spool.append([event(n) for n in range(10)])
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(SpoolUnwritable):
+        spool.append([event(n, size=2000) for n in range(10, 200)])
+    assert errors == ["append"]
+    assert (spool.pending, spool.last_seq, spool.has_room(), spool.unwritable) == (10, 10, False, True)
+    assert [seq for seq, _ in spool.read(0, 1000)] == list(range(1, 11))
+    # Room again: the same batch goes in, numbered right after what was there.
+    spool._db.execute("PRAGMA max_page_count=1000000")
+    assert spool.append([event(n) for n in range(10, 20)]) == 20
+    assert spool.has_room() and not spool.unwritable
+    spool.close()
+
+
+def test_deleting_confirmed_rows_clears_the_full_state(tmp_path):
+    spool = open_spool(tmp_path)
+    spool.append([event(n) for n in range(10)])
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(SpoolUnwritable):
+        spool.append([event(n, size=4000) for n in range(100)])
+    assert not spool.wait_for_room(0.01)
+    spool.confirm(10)
+    assert spool.wait_for_room(0.01) and spool.pending == 0
+    spool.close()
+
+
+class FailingCheckpoints:
+    """A connection whose first checkpoints fail, as on a full or failing disk."""
+
+    def __init__(self, db: sqlite3.Connection, failures: int) -> None:
+        self._db, self.failures = db, failures
+
+    def execute(self, sql: str, *args):
+        if "wal_checkpoint" in sql and self.failures > 0:
+            self.failures -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._db.execute(sql, *args)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def test_checkpoint_errors_are_reported_and_retried_not_the_end_of_the_thread(
+        tmp_path, monkeypatch):
+    real_connect = sqlite3.connect
+    connections = []
+
+    def connect(*args, **kwargs):
+        db = real_connect(*args, **kwargs)
+        connections.append(db)
+        # The first connection is the spool's own; the second the maintenance thread's.
+        return db if len(connections) == 1 else FailingCheckpoints(db, failures=2)
+
+    monkeypatch.setattr(spool_mod.sqlite3, "connect", connect)
+    monkeypatch.setattr(spool_mod, "RETRY_EVERY", 0.05)
+    errors = []
+    spool = open_spool(tmp_path, on_error=lambda op, exc: errors.append((op, str(exc))))
+    spool.append([event(n) for n in range(10)])
+    deadline = time.monotonic() + 10
+    while spool.maintenance_error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert spool.maintenance_error == "checkpoint: disk I/O error"
+    while spool.last_checkpoint_at is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert spool.last_checkpoint_at is not None and spool.maintenance_error is None
+    assert errors == [("checkpoint", "disk I/O error")] * 2
+    spool.close()
