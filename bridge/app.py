@@ -25,6 +25,7 @@ from bridge.health import Health
 from bridge.metrics import Metrics, MetricsServer
 from bridge.dead_letters import DeadLetters, path_beside as dead_letters_path
 from bridge.publisher import Publisher
+from bridge.ha.node import HaNode
 from bridge.sink import SpoolingSink
 from bridge.spool import Spool
 from bridge.stream import AUTH_TIMEOUT, CONNECT_TIMEOUT, State as StreamState, StreamReader
@@ -59,6 +60,7 @@ class Bridge:
         self._fatal: BridgeError | None = None
         self._fatal_from_broker = False
         self.metrics = Metrics()
+        self.ha: HaNode | None = None       # BRIDGE_HA=on: the replica's role (`in_sync`)
         self._spool_errors_said: dict[str, tuple[float, int]] = {}   # operation -> (when, since)
         self.live = Health()
         self.ready = Health()
@@ -72,16 +74,25 @@ class Bridge:
             spool.close()
             self._log.info("bridge.stopped", left_in_spool=spool.pending)
             return 0
+        # With HA the sink and the publisher see the spool through the replica's witness.
+        ha = HaNode(cfg.ha, cfg.amqp, spool, self.metrics, logging_.get("ha")) if cfg.ha else None
+        spooled = ha.spool if ha else spool
         main_heart = self.live.heart("main", MAIN_BUDGET)
         publisher_heart = self.live.heart("publisher", PUBLISHER_BUDGET)
         dead_letters = DeadLetters(dead_letters_path(cfg.spool_path))
-        publisher = Publisher(cfg.amqp, cfg.topology, spool, dead_letters,
+        publisher = Publisher(cfg.amqp, cfg.topology, spooled, dead_letters,
                               inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
                               confirm_timeout=cfg.confirm_timeout,
                               on_fatal=self._on_broker_fatal, log=logging_.get("publisher"),
-                              metrics=self.metrics, beat=publisher_heart.beat)
+                              metrics=self.metrics, beat=publisher_heart.beat,
+                              paused=ha is not None)
+        if ha:
+            ha.attach(publisher)
+        else:
+            self.metrics.leader.set(1)
+        self.ha = ha
         stream_heart = self.live.heart("stream", stream_budget(cfg.stream))
-        sink = SpoolingSink(spool, publisher.notify, self.metrics, logging_.get("stream"),
+        sink = SpoolingSink(spooled, publisher.notify, self.metrics, logging_.get("stream"),
                             max_frame_bytes=cfg.stream.max_frame_bytes,
                             stream_url=cfg.stream.redacted_url, beat=stream_heart.beat)
         stream = StreamReader(cfg.stream, sink, logging_.get("stream"), beat=stream_heart.beat)
@@ -89,10 +100,12 @@ class Bridge:
         server = self._start_metrics(spool, stream, publisher)
         self._log.info("bridge.starting", exchange=cfg.amqp.exchange, stream=cfg.stream.redacted_url,
                        brokers=cfg.amqp.redacted_urls, spool=str(spool.path),
-                       recovered=spool.recovered,
+                       recovered=spool.recovered, ha="on" if ha else "off",
                        metrics="%s:%d" % server.address[:2] if server else None)
 
         publisher.start()
+        if ha:
+            ha.start()
         stream_thread = threading.Thread(target=self._run_stream, args=(stream,), name="stream",
                                          daemon=True)
         stream_thread.start()
@@ -110,6 +123,8 @@ class Bridge:
             publisher.stop_now()
         else:
             publisher.drain_and_stop(cfg.shutdown_timeout)
+        if ha:
+            ha.stop()       # after the drain: a leader's last reports, then the lock
         left = spool.pending
         if server is not None:
             server.stop()         # before the spool closes: a scrape reads the spool
@@ -150,6 +165,10 @@ class Bridge:
                              else f"the stream is {stream.state.value}, not authenticated")
         self.ready.add_check("broker", lambda: None if publisher.connected
                              else f"the broker connection is {publisher.state.value}, not open")
+        if self.ha:
+            ha = self.ha
+            self.ready.add_check("ha", lambda: None if ha.in_sync else
+                                 f"HA {ha.role}: neither the leader nor a standby in sync")
 
     def _on_spool_error(self, operation: str, exc: Exception) -> None:
         """A write the spool's disk refused, or failed maintenance: counted every time,
@@ -170,10 +189,11 @@ class Bridge:
             return None
 
         def ready() -> tuple[bool, dict]:
+            ha = {"ha": self.ha.describe()} if self.ha else {}
             return self.ready.check(stream=stream.state.value, broker=publisher.state.value,
                                     broker_blocked=publisher.blocked,
                                     spool_events=spool.pending, spool_full=not spool.has_room(),
-                                    spool_last_checkpoint_at=spool.last_checkpoint_at)
+                                    spool_last_checkpoint_at=spool.last_checkpoint_at, **ha)
 
         probes = {"/livez": self.live.check, "/readyz": ready, "/healthz": ready}
         try:

@@ -275,6 +275,18 @@ RUN_SETTINGS = (
             "127.0.0.1:9120", parse_addr, empty_means_off=True),
 )
 
+HA_SETTINGS = (
+    Setting("ha", "BRIDGE_HA",
+            "on: one of several replicas; the leader publishes, standbys cover for it "
+            "(README, High availability)", "off", parse_bool),
+    Setting("ha_heartbeat", "BRIDGE_HA_HEARTBEAT",
+            "seconds of silence after which the broker frees a lost leader's lock; the "
+            "leader steps down after half of it", "6", parse_seconds),
+    Setting("ha_fill_grace", "BRIDGE_HA_FILL_GRACE",
+            "seconds a standby waits before offering the leader an event it missed", "1",
+            parse_seconds),
+)
+
 LOG_SETTINGS = (
     Setting("log_level", "LOG_LEVEL", "debug, info, warning or error",
             "info", parse_choice("debug", "info", "warning", "error")),
@@ -419,6 +431,14 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class HaConfig:
+    """BRIDGE_HA=on: how replicas elect and watch each other (bridge/ha)."""
+
+    heartbeat: float = 6.0
+    fill_grace: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `tutum-bridge run` needs, validated."""
 
@@ -440,6 +460,7 @@ class Config:
     log_level: str
     log_format: str
     secrets: tuple[str, ...] = field(repr=False, default=())
+    ha: "HaConfig | None" = None          # None: BRIDGE_HA=off
 
     @property
     def topology(self) -> Topology:
@@ -525,7 +546,8 @@ def default_state_dir(environ: Mapping[str, str]) -> Path:
     return Path(base) / "tutum-bridge"
 
 
-ALL_RUN_SETTINGS = STREAM_SETTINGS + AMQP_SETTINGS + TOPOLOGY_SETTINGS + RUN_SETTINGS + LOG_SETTINGS
+ALL_RUN_SETTINGS = (STREAM_SETTINGS + AMQP_SETTINGS + TOPOLOGY_SETTINGS + RUN_SETTINGS
+                    + HA_SETTINGS + LOG_SETTINGS)
 
 
 def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
@@ -545,4 +567,5 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         inflight=values["inflight"], reconnect_max=values["reconnect_max"],
         confirm_timeout=values["confirm_timeout"], shutdown_timeout=values["shutdown_timeout"], metrics_addr=values["metrics_addr"],
         log_level=values["log_level"], log_format=values["log_format"],
-        secrets=stream_secrets + amqp_secrets)
+        secrets=stream_secrets + amqp_secrets,
+        ha=HaConfig(values["ha_heartbeat"], values["ha_fill_grace"]) if values["ha"] else None)

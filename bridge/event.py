@@ -22,6 +22,10 @@ HEADER_VALUE_MAX = 256       # characters of any one string header value
 PARENTS_MAX = 32             # entries in the `parents` list header
 EXCERPT_MAX = 200            # characters of a quarantined frame shown in a log line
 
+# With BRIDGE_HA=on every replica names each event by what it is (bridge/ha/identity.py)
+# in this header; the publisher then uses it as the `message_id`, the same on every copy.
+IDENTITY_HEADER = "x-event-id"
+
 _PARENT_URI = re.compile(r"/api/v1/([^/]+)/([^/]+)/?\Z")
 
 

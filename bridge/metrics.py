@@ -105,6 +105,9 @@ class Metrics:
         self.spool_last_checkpoint = Gauge("tutum_bridge_spool_last_checkpoint_timestamp_seconds",
                                            "When the spool's WAL was last checkpointed",
                                            registry=r)
+        self.leader = Gauge("tutum_bridge_leader",
+                            "1 while this bridge publishes (the HA leader, or HA off), "
+                            "0 on a standby", registry=r)
         self.backpressure = Gauge("tutum_bridge_backpressure",
                                   "1 while the spool is full and the stream is not read",
                                   registry=r)

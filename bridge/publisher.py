@@ -47,6 +47,7 @@ from bridge.amqp_encode import APP_ID, CONTENT_TYPE, encode_publish
 from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
 from bridge.dead_letters import DeadLetters
+from bridge.event import IDENTITY_HEADER
 from bridge.errors import BridgeError, BrokerRefused, ConfigError, TLSVerificationError
 from bridge.spool import Spool
 from bridge.topology import Topology, is_other_type, is_stream
@@ -122,7 +123,7 @@ class Publisher:
     def __init__(self, amqp: AmqpConfig, topology: Topology, spool: Spool,
                  dead_letters: DeadLetters, *, inflight: int, reconnect_max: float,
                  confirm_timeout: float, on_fatal, log, metrics,
-                 beat: Callable[[], None] = lambda: None) -> None:
+                 beat: Callable[[], None] = lambda: None, paused: bool = False) -> None:
         self._beat = beat             # liveness: the IOLoop calls it every WATCH_EVERY
         self._amqp = amqp
         self._topology = topology
@@ -150,6 +151,8 @@ class Publisher:
         self._ever_opened = False
         self._wakeup_pending = False
         self._draining_until: float | None = None
+        # An HA standby connects and declares but publishes nothing (`pause`, `resume`).
+        self._paused = paused
         self._closing_since = 0.0
         self._heard = (0, 0.0)    # (bytes received from the broker, when that changed)
 
@@ -161,7 +164,7 @@ class Publisher:
         self._unconfirmed: dict[int, tuple[int, float]] = {}
         self._set_aside = dead_letters.seqs_after(spool.confirmed)
         self._window = inflight
-        self._paused = False      # waiting out the backoff after a nack
+        self._nack_wait = False   # waiting out the backoff after a nack
         self._nacked_upto = 0     # the nack backoff resets once this is confirmed
         self._refusals: dict[int, int] = {}   # sequence -> refusals of it alone
 
@@ -175,6 +178,22 @@ class Publisher:
         if not self._wakeup_pending:
             self._wakeup_pending = True
             self._ioloop.add_callback_threadsafe(self._pump)
+
+    def pause(self) -> None:
+        """Publish nothing more until `resume` (HA: this replica stopped being leader).
+
+        From any thread, effective at the next batch; what is in flight may still be
+        confirmed."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Publish again from the spool's first unconfirmed event (HA: now leader).
+
+        While paused, a standby's witness confirmed in the spool what the leader
+        published, so the position is taken from the spool again; and every event held
+        now may have been published by the old leader, so each is flagged
+        `x-republished`."""
+        self._ioloop.add_callback_threadsafe(self._take_over)
 
     def drain_and_stop(self, timeout: float) -> None:
         """Publish and confirm what the spool holds, for at most `timeout`; then stop."""
@@ -446,11 +465,11 @@ class Publisher:
         three frames of each publish separately, each write letting the stream thread in.
         """
         self._wakeup_pending = False
-        if (self.state is not State.OPEN or self.blocked or self._paused
+        if (self.state is not State.OPEN or self.blocked or self._nack_wait or self._paused
                 or self._channel is None or not self._channel.is_open):
             return
         published = republished = 0
-        while True:
+        while not self._paused:
             room = self._window - len(self._unconfirmed)
             if room <= 0:
                 break
@@ -489,7 +508,7 @@ class Publisher:
         headers = {**ev.headers, "x-republished": True} if republish else ev.headers
         exchange = "" if ev.quarantined else self._topology.exchange
         routing_key = self._topology.quarantine if ev.quarantined else ev.routing_key
-        message_id = self._spool.message_id(seq)
+        message_id = self._message_id(seq, ev)
         if self._write is None:
             return (exchange, routing_key, ev.body, pika.BasicProperties(
                 content_type=CONTENT_TYPE, delivery_mode=2, message_id=message_id,
@@ -497,6 +516,10 @@ class Publisher:
         return encode_publish(self._channel.channel_number, exchange, routing_key, ev.body,
                               message_id=message_id, timestamp=int(ev.received_at),
                               headers=headers, frame_max=self._connection.params.frame_max)
+
+    def _message_id(self, seq: int, ev) -> str:
+        """HA replicas share an event's identity, kept in a header; else the spool's."""
+        return ev.headers.get(IDENTITY_HEADER) or self._spool.message_id(seq)
 
     def _send(self, wire: list) -> None:
         if not wire:
@@ -534,7 +557,7 @@ class Publisher:
         delay = self._nack_backoff.next()
         ev = self._spool.read(first, 1)
         self._log.warning(
-            "broker.nack", message_id=self._spool.message_id(first),
+            "broker.nack", message_id=self._message_id(first, ev[0][1]) if ev else None,
             routing_key=ev[0][1].routing_key if ev else None, nacked=len(tags),
             retry_in=round(delay, 2),
             detail="a queue refused it (x-overflow reject-publish, or a quorum queue's "
@@ -545,12 +568,12 @@ class Publisher:
         self._window = 1
         self._metrics.confirm_timer.forget()     # timed again from the republish
         self._metrics.inflight.set(len(self._unconfirmed))
-        if not self._paused:
-            self._paused = True
-            self._ioloop.call_later(delay, self._resume)
+        if not self._nack_wait:
+            self._nack_wait = True
+            self._ioloop.call_later(delay, self._end_nack_wait)
 
-    def _resume(self) -> None:
-        self._paused = False
+    def _end_nack_wait(self) -> None:
+        self._nack_wait = False
         self._pump()
 
     def _advance_confirmed(self) -> None:
@@ -604,7 +627,7 @@ class Publisher:
                                            f"{code} {text}")
 
     def _set_aside_event(self, seq: int, ev, reason: str) -> None:
-        message_id = self._spool.message_id(seq)
+        message_id = self._message_id(seq, ev)
         try:
             self._dead_letters.add(seq, message_id, ev, reason)
         except sqlite3.Error as exc:
@@ -625,9 +648,18 @@ class Publisher:
         self._ioloop.call_later(timeout, self._stop)
         self._maybe_finish_drain()
 
+    def _take_over(self) -> None:
+        if not self._unconfirmed:
+            self._confirmed = max(self._confirmed, self._spool.confirmed)
+            self._cursor = self._confirmed + 1
+        self._published_max = max(self._published_max, self._spool.last_seq)
+        self._paused = False
+        self._pump()
+
     def _maybe_finish_drain(self) -> None:
-        if (self._draining_until is not None and not self._unconfirmed
-                and self._confirmed >= self._spool.last_seq):
+        # Paused (an HA standby), there is nothing of ours to drain.
+        if self._draining_until is not None and not self._unconfirmed and (
+                self._paused or self._confirmed >= self._spool.last_seq):
             self._stop()
 
     def _stop(self) -> None:

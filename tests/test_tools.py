@@ -297,6 +297,28 @@ def test_deployment_files_give_the_bridge_time_to_drain_and_never_restart_a_conf
     assert number("deploy/docker-compose.yml", r"stop_grace_period: (\d+)s") > shutdown
 
 
+def test_worker_helper_dedupes_by_a_key_of_the_callers_choosing(topology):
+    """Replicas of the bridge may publish one event under two message ids; a worker
+    de-duplicates on whatever identity they share (here a header)."""
+    queue = topology.bind("container.*")
+    calls, stop = [], threading.Event()
+
+    def handler(message):
+        calls.append(message.message_id)
+        if message.headers["identity"] == "e-2":
+            stop.set()
+
+    with broker.connect() as conn:
+        channel = conn.channel()
+        for message_id, identity in [("a-1", "e-1"), ("b-1", "e-1"), ("a-2", "e-2")]:
+            channel.basic_publish(topology.exchange, "container.update", b"{}",
+                                  pika.BasicProperties(message_id=message_id,
+                                                       headers={"identity": identity}))
+    run_worker(topology, [], handler, queue, stop,
+               dedupe_key=lambda message: message.headers.get("identity"))
+    assert calls == ["a-1", "a-2"]
+
+
 # --- dead letters ------------------------------------------------------------------------
 
 def test_a_handler_always_failing_on_one_event_leaves_it_in_the_dead_letter_queue(

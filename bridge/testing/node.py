@@ -62,7 +62,8 @@ def _as_rabbitmq(*argv: str, env: dict[str, str] | None = None) -> list[str]:
 class RabbitNode:
     """One RabbitMQ node on its own ports; `start` and `stop` keep its data."""
 
-    def __init__(self, prefix: str = "tbfault") -> None:
+    def __init__(self, prefix: str = "tbfault", env: dict[str, str] | None = None) -> None:
+        self.extra_env = dict(env or {})      # RABBITMQ_* settings of this node's own
         self.name = f"{prefix}-{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
@@ -102,6 +103,7 @@ class RabbitNode:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
             "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
+            **self.extra_env,
         }
 
     def start(self, timeout: float = 90.0) -> "RabbitNode":

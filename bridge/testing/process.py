@@ -1,10 +1,11 @@
 """`tutum_bridge`: the real bridge, as a child process, between a test's stream and broker.
 
 It runs `python -m bridge run` exactly as deployed, with an exchange (and alternate
-exchange and quarantine queue) unique to the test, and its spool in the test's
-directory. `wait_confirmed(n)` watches a queue of the kit's own, bound `#`, for the
-bodies the test sent: the broker only routes a message to a queue before it confirms
-it, so seeing n of them there means n were confirmed.
+exchange and quarantine queue) unique to the test, its spool in the test's directory,
+and any further settings given as `env` (`BRIDGE_HISTORY`, ...). `wait_confirmed(n)`
+watches a queue of the kit's own, bound `#`, for the bodies the test sent: the broker
+routes a persistent message to its queues before it confirms it, so seeing n of them
+there means n were confirmed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ STOP_SECONDS = 20.0
 class BridgeProcess:
     """A running bridge; `exchange` is where it publishes; `stop` ends it."""
 
-    def __init__(self, amqp_url: str, stream: ScriptedStream, directory: Path) -> None:
+    def __init__(self, amqp_url: str, stream: ScriptedStream, directory: Path,
+                 env: dict[str, str] | None = None) -> None:
         tag = uuid.uuid4().hex[:8]
         self.amqp_url, self._stream = amqp_url, stream
         self.exchange = f"test.{tag}.events"
@@ -41,17 +43,18 @@ class BridgeProcess:
         self._channel.queue_bind(self._watch, self.exchange, "#")
         self._confirmed: collections.Counter[bytes] = collections.Counter()
         self.log_path = directory / f"bridge-{tag}.log"
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("TUTUM_", "BRIDGE_", "AMQP_", "LOG_"))}
-        env.update({
+        child_env = {k: v for k, v in os.environ.items()
+                     if not k.startswith(("TUTUM_", "BRIDGE_", "AMQP_", "LOG_"))}
+        child_env.update({
             "TUTUM_STREAM_HOST": stream.url, "TUTUM_USER": stream.user,
             "TUTUM_APIKEY": stream.apikey, "AMQP_URL": amqp_url,
             "BRIDGE_EXCHANGE": self.exchange, "BRIDGE_UNROUTED": self.topology.unrouted,
             "BRIDGE_QUARANTINE": self.topology.quarantine,
             "BRIDGE_SPOOL": str(directory / f"spool-{tag}.sqlite3"),
-            "BRIDGE_METRICS_ADDR": "", "BRIDGE_RECONNECT_MAX": "1"})
+            "BRIDGE_METRICS_ADDR": "", "BRIDGE_RECONNECT_MAX": "1", **(env or {})})
         with self.log_path.open("wb") as log:
-            self._popen = subprocess.Popen([sys.executable, "-m", "bridge", "run"], env=env,
+            self._popen = subprocess.Popen([sys.executable, "-m", "bridge", "run"],
+                                           env=child_env,
                                            stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL)
 

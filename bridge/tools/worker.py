@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import pika
-
 import pika.exceptions
 
 from bridge.config import DEFAULT_AMQP_URL, AmqpConfig, parse_amqp_urls

@@ -172,9 +172,9 @@ def test_a_nack_republishes_the_nacked_event_and_those_after_it_after_a_backoff(
     assert publisher.spool.confirmed == 1 and publisher.spool.pending == 4
     assert publisher.state is State.OPEN             # the channel stays: no reconnect
     assert len(connection.published) == 5           # nothing before the backoff
-    assert publisher._ioloop.delays("_resume") == [0.25]
+    assert publisher._ioloop.delays("_end_nack_wait") == [0.25]
 
-    publisher._resume()       # the backoff is over: event 2 alone, as a probe
+    publisher._end_nack_wait()       # the backoff is over: event 2 alone, as a probe
     assert seqs(publisher, connection.published[5:]) == [(2, True)]
     publisher._on_confirm(ack(6))      # then two at a time, then four...
     assert seqs(publisher, connection.published[6:]) == [(3, True), (4, True)]
@@ -191,27 +191,27 @@ def test_nacks_of_a_queue_that_stays_full_back_off_ever_longer(make):
     publisher._on_confirm(nack(32, multiple=True))       # the whole window refused
     tag = 33
     for _ in range(6):
-        publisher._resume()
+        publisher._end_nack_wait()
         publisher._on_confirm(nack(tag))
         tag += 1
     # One copy per retry, not a window's worth; and no reconnect resets the backoff.
     assert len(connection.published) == 32 + 6
-    assert publisher._ioloop.delays("_resume") == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    assert publisher._ioloop.delays("_end_nack_wait") == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 
 
 def test_the_nack_backoff_resets_once_everything_nacked_is_confirmed(make):
     publisher = make(3)
     publisher._on_confirm(nack(3, multiple=True))
-    publisher._resume()
+    publisher._end_nack_wait()
     publisher._on_confirm(nack(4))
-    publisher._resume()
+    publisher._end_nack_wait()
     publisher._on_confirm(ack(5))                  # event 1; 2 and 3 still to confirm
     publisher._on_confirm(ack(7, multiple=True))   # 2 and 3
     assert publisher._confirmed == 3
     publisher.spool.append([classify(b'{"type": "container", "action": "update"}', 2.0)])
     publisher._pump()
     publisher._on_confirm(nack(8))
-    assert publisher._ioloop.delays("_resume") == [0.25, 0.5, 0.25]
+    assert publisher._ioloop.delays("_end_nack_wait") == [0.25, 0.5, 0.25]
 
 
 def test_a_lost_connection_republishes_every_unconfirmed_event_on_the_next(make):

@@ -1,0 +1,191 @@
+"""One replica's part in HA: its role, the takeover, and what it tells the others.
+
+- leader: the publisher publishes; every confirm is reported (`confirmed`, the
+  identities); offers of events it missed are spooled and published, once each;
+- standby: the publisher is paused; the witness forgets what the leader reported and
+  offers the leader what it missed (`offer`), after the grace period;
+- takeover (the lock is ours): the witness forgets the matched prefix and the
+  publisher resumes from there: `ha.takeover` says how many events are filled in;
+- link down: paused at once, whatever the role was.
+
+Every replica also announces `presence` every second (role, since when its stream is
+up), so that a leader whose stream comes back can say in `bridge.connected` which
+standbys covered the gap (`gap.covered_by`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections import OrderedDict
+
+from bridge.event import Event
+from bridge.ha import identity
+from bridge.ha.identity import Identities
+from bridge.ha.link import HaLink, LinkState, Names
+from bridge.ha.witness import Witness, WitnessedSpool
+
+PRESENCE_EVERY = 1.0     # seconds between presence messages
+PEER_FRESH = 3.0         # seconds a peer's presence counts
+ACCEPTED_MAX = 100_000   # identities of accepted offers remembered (each published once)
+
+
+class HaNode:
+    def __init__(self, ha_cfg, amqp, spool, metrics, log) -> None:
+        self.replica = spool.id
+        self._log = log
+        self._metrics = metrics
+        self._inner = spool
+        self._identities = Identities()
+        self.witness = Witness(spool, ha_cfg.fill_grace)
+        self.spool = WitnessedSpool(spool, self.witness, self._identities,
+                                    on_lifecycle=self._lifecycle, on_confirmed=self._report)
+        self.link = HaLink(amqp, Names.for_exchange(amqp.exchange), self.replica,
+                           ha_cfg.heartbeat, log, self)
+        self.role = "starting"
+        self._publisher = None
+        self._peers: dict[str, dict] = {}
+        self._streaming_since: float | None = None
+        self._last_presence = 0.0
+        self._accepted: OrderedDict[str, None] = OrderedDict()
+        metrics.leader.set(0)
+
+    def attach(self, publisher) -> None:
+        """The publisher to pause and resume (created paused)."""
+        self._publisher = publisher
+
+    def start(self) -> None:
+        self.link.start()
+
+    def stop(self) -> None:
+        self.link.stop()
+
+    @property
+    def is_leader(self) -> bool:
+        return self.role == "leader"
+
+    @property
+    def in_sync(self) -> bool:
+        """Ready to serve: the leader, or a standby whose stream is up and which hears
+        a leader (so its witness is current and it could take over)."""
+        if self.is_leader:
+            return True
+        now = time.monotonic()
+        return (self.role == "standby" and self._streaming_since is not None
+                and any(p.get("role") == "leader" and now - p["heard"] < PEER_FRESH
+                        for p in self._peers.values()))
+
+    def describe(self) -> dict:
+        return {"role": self.role, "in_sync": self.in_sync, "replica": self.replica,
+                "witness_pending": self.witness.pending}
+
+    # --- the link's callbacks (its thread) ----------------------------------------------
+
+    def on_state(self, state: LinkState) -> None:
+        if state is LinkState.LEADER:
+            return self._take_over()
+        self._publisher.pause()
+        self._metrics.leader.set(0)
+        role = "standby" if state is LinkState.STANDBY else "disconnected"
+        if role == "standby" and self.role != "standby":
+            self._log.info("ha.standby", replica=self.replica,
+                           detail="another replica holds the lock; witnessing it")
+        elif role == "disconnected" and self.role == "leader":
+            self._log.warning("ha.standby", replica=self.replica,
+                              detail="lost the broker: not the leader any more")
+        self.role = role
+
+    def on_message(self, kind: str, body: dict, sender: str) -> None:
+        if kind == "confirmed":
+            if not self.is_leader:
+                self.witness.leader_published(body.get("ids", []))
+        elif kind == "presence":
+            self._peers[sender] = {**body, "heard": time.monotonic()}
+        elif kind == "offer" and self.is_leader:
+            self._accept(body.get("events", []), sender)
+
+    def on_tick(self) -> None:
+        if self.role == "standby":
+            holes = self.witness.tick()
+            if holes:
+                self._offer(holes)
+        now = time.monotonic()
+        if now - self._last_presence >= PRESENCE_EVERY:
+            self._last_presence = now
+            self.link.send("presence", {"role": self.role,
+                                        "streaming_since": self._streaming_since})
+            for sender in [s for s, p in self._peers.items() if now - p["heard"] > 60]:
+                del self._peers[sender]
+
+    # --- roles ------------------------------------------------------------------------
+
+    def _take_over(self) -> None:
+        started = time.monotonic()
+        saw_leader = self.witness.reports_seen > 0 or any(
+            p.get("role") == "leader" for p in self._peers.values())
+        filled, maybe_twice = self.witness.take_over()
+        self.role = "leader"
+        self._metrics.leader.set(1)
+        self._publisher.resume()
+        if saw_leader:
+            self._log.warning("ha.takeover", replica=self.replica, filled=filled,
+                              possibly_duplicate=maybe_twice,
+                              seconds=round(time.monotonic() - started, 3),
+                              detail="publishing first what the old leader had not")
+        self._log.info("ha.leader", replica=self.replica)
+
+    # --- what flows between replicas ---------------------------------------------------
+
+    def _report(self, identities: list[str]) -> None:
+        """The broker confirmed these (publisher thread): tell the standbys."""
+        self.link.send("confirmed", {"ids": identities})
+
+    def _offer(self, seqs: list[int]) -> None:
+        wanted, events = set(seqs), []
+        first, last = seqs[0], seqs[-1]
+        for seq, ev in self._inner.read(first, last - first + 1):
+            if seq in wanted:
+                events.append({"routing_key": ev.routing_key, "received_at": ev.received_at,
+                               "quarantined": ev.quarantined, "headers": ev.headers,
+                               "body": base64.b64encode(ev.body).decode()})
+        if events:
+            self._log.info("ha.offer", events=len(events),
+                           detail="events the leader missed, offered to it")
+            self.link.send("offer", {"events": events})
+
+    def _accept(self, offered: list[dict], sender: str) -> None:
+        """Spool the offered events this leader never received, once each."""
+        fresh = []
+        for item in offered:
+            ident = item.get("headers", {}).get(identity.HEADER)
+            if not ident or ident in self._accepted or self._identities.has(ident):
+                continue
+            self._accepted[ident] = None
+            fresh.append(Event(item["routing_key"], base64.b64decode(item["body"]),
+                               item["received_at"], item["headers"], item["quarantined"]))
+        while len(self._accepted) > ACCEPTED_MAX:
+            self._accepted.popitem(last=False)
+        if fresh:
+            self.spool.append(fresh)
+            self._publisher.notify()
+            self._log.warning("ha.gap_filled", events=len(fresh), by=sender,
+                              detail="events a standby received while our stream was down")
+
+    def _lifecycle(self, ev: Event) -> None:
+        """Our own bridge.connected / bridge.disconnected, on its way into the spool."""
+        body = json.loads(ev.body)
+        if body.get("action") == "disconnected":
+            self._streaming_since = None
+            return
+        self._streaming_since = body.get("connected_at")
+        gap = body.get("gap")
+        if gap and self.is_leader:
+            now = time.monotonic()
+            covering = sorted(
+                s for s, p in self._peers.items()
+                if now - p["heard"] < PEER_FRESH and p.get("streaming_since") is not None
+                and p["streaming_since"] <= gap["lost_at"])
+            gap["covered_by"] = covering
+            gap["covered"] = bool(covering)
+            ev.body = json.dumps(body).encode()

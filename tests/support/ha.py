@@ -1,0 +1,44 @@
+"""The bench of an HA test: the fault rig, plus a leader and a standby of one account.
+
+`HaRig.pair` starts replica A and waits until it leads, then replica B and waits until
+it is a standby, each with its own spool; either link can go through a proxy, so a
+test can cut the leader's stream or its broker and nothing else.
+"""
+
+from __future__ import annotations
+
+from tests.support.fault_rig import Rig
+from tests.support.tcp_proxy import TcpProxy
+
+
+class HaRig(Rig):
+    def replica(self, sim, name: str, *, stream: TcpProxy | None = None,
+                via: TcpProxy | None = None, **env: str):
+        env.setdefault("BRIDGE_HA", "on")
+        env.setdefault("BRIDGE_SPOOL", str(self.tmp_path / f"{name}.sqlite3"))
+        if stream is not None:
+            env["TUTUM_STREAM_HOST"] = stream.url("ws")
+        return self.bridge(sim, via=via, name=name, **env)
+
+    def pair(self, sim, *, leader_stream: TcpProxy | None = None,
+             leader_via: TcpProxy | None = None):
+        leader = self.replica(sim, "replica-a", stream=leader_stream, via=leader_via)
+        leader.info["replica"] = self.wait_log(leader, "ha.leader", timeout=30)["replica"]
+        standby = self.replica(sim, "replica-b")
+        standby.info["replica"] = self.wait_log(standby, "ha.standby", timeout=30)["replica"]
+        return leader, standby
+
+
+def same_identity(messages) -> bool:
+    """Every copy of an event carries the message_id (= x-event-id) of its first copy."""
+    first: dict[int, str | None] = {}
+    for msg in messages:
+        if msg.seq is None:
+            continue
+        ident = msg.headers.get("x-event-id")
+        if ident is None or ident != msg.message_id:
+            raise AssertionError(f"sim_seq {msg.seq}: message_id {msg.message_id} but "
+                                 f"x-event-id {ident}")
+        if first.setdefault(msg.seq, ident) != ident:
+            raise AssertionError(f"sim_seq {msg.seq}: {ident} after {first[msg.seq]}")
+    return True

@@ -1,0 +1,140 @@
+"""High availability (docs/contract.md section 7) with real replicas, sockets and faults.
+
+Two replicas with BRIDGE_HA=on read one simulator in `--fanout` (each gets its own copy
+of every event that happens while it is connected) and publish to a private RabbitMQ
+node (shared by the module). A `#` queue on the exchange collects everything; the ledger
+compares it with what the simulator sent to the replicas (`sent`: events given to at
+least one connection), prints it with the takeover time (`pytest -s`) and appends it to
+`$FAULT_REPORT` when set. Around a takeover a few events may arrive twice; each copy
+must carry the same identity (`message_id` = `x-event-id`) and every copy after the
+first `x-republished`.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.support.fault_rig import assert_guarantee
+from tests.support.ha import HaRig, same_identity
+from tests.support.ledger import compute
+from tests.support.rabbit_node import extra_node, healthy_node  # noqa: F401 - fixtures
+from tests.support.wait import wait_for
+
+RATE = "200"
+
+
+@pytest.fixture
+def rig(request, healthy_node, topology, simulator, bridge, tmp_path):  # noqa: F811
+    bench = HaRig(request.node.name, healthy_node, topology, simulator, bridge, tmp_path)
+    yield bench
+    bench.close()
+
+
+def test_two_replicas_exactly_once_then_leader_sigkilled(rig):
+    """Steady state: every event once. SIGKILL the leader: the standby takes over
+    within 10 s and fills in what the leader had not published; nothing is lost."""
+    sim = rig.simulator("--fanout", "--rate", RATE, "--count", "3000")
+    leader, standby = rig.pair(sim)
+
+    rig.wait_sent(sim, 1200)
+    steady = rig.sent(sim) - 200
+    rig.wait_delivered(steady)
+    early = compute("steady", steady, [m for m in list(rig.collector.messages)
+                                       if m.seq is not None and m.seq <= steady])
+    assert early.duplicates == 0 and early.lost == 0, early.summary()
+
+    killed_at = time.monotonic()
+    leader.signal(signal.SIGKILL)
+    takeover = rig.wait_log(standby, "ha.takeover", timeout=15)
+    took = time.monotonic() - killed_at
+    rig.bridges.remove(leader)
+
+    ledger = rig.settle(sim, 3000, takeover_seconds=round(took, 2), filled=takeover["filled"])
+    assert took < 10, ledger.summary()
+    assert_guarantee(ledger)
+    assert same_identity(rig.collector.messages)
+    assert rig.metric(standby, "tutum_bridge_leader") == 1
+
+
+def test_standby_that_dies_changes_nothing(rig):
+    sim = rig.simulator("--fanout", "--rate", RATE, "--count", "1600")
+    leader, standby = rig.pair(sim)
+    rig.wait_sent(sim, 600)
+    standby.signal(signal.SIGKILL)
+    rig.bridges.remove(standby)
+
+    ledger = rig.settle(sim, 1600)
+    assert_guarantee(ledger, duplicates_allowed=False)
+    assert rig.metric(leader, "tutum_bridge_leader") == 1
+    assert not rig.log_events(leader, "ha.takeover")
+
+
+def test_leader_stream_cut_is_covered_by_the_standby(rig):
+    """The leader's websocket goes through a proxy that drops it for 3 s; the standby
+    stays connected and offers what the leader missed: lost = 0, and the leader's
+    bridge.connected says the gap was covered."""
+    sim = rig.simulator("--fanout", "--rate", RATE, "--count", "2400")
+    stream_proxy = rig.proxy(sim.info["port"])
+    leader, standby = rig.pair(sim, leader_stream=stream_proxy)
+    rig.wait_sent(sim, 600)
+    stream_proxy.pause("refuse")
+    before = rig.sent(sim)
+    wait_for(lambda: rig.sent(sim) >= before + 600, 20, 0.05, what="events in the gap")
+    stream_proxy.resume()
+    rig.wait_log(leader, "ha.gap_filled", timeout=20)
+
+    ledger = rig.settle(sim, 2400)
+    assert ledger.lost == 0, ledger.summary()
+    assert ledger.unexplained_duplicates == 0, ledger.summary()
+    assert same_identity(rig.collector.messages)
+    reconnected = [c for c in rig.collector.lifecycle("connected") if c.get("gap")]
+    assert reconnected and reconnected[-1]["gap"]["covered"] is True, reconnected
+    assert standby.info["replica"] in reconnected[-1]["gap"]["covered_by"]
+
+
+def test_leader_cut_off_the_broker_standby_takes_over_old_leader_stays_standby(rig):
+    """The leader reaches the broker through a proxy that refuses it for a while: the
+    standby takes over, nothing is lost, and the old leader, once back, is a standby
+    that publishes nothing."""
+    sim = rig.simulator("--fanout", "--rate", RATE, "--count", "2400")
+    broker_proxy = rig.broker_proxy()
+    leader, standby = rig.pair(sim, leader_via=broker_proxy)
+    rig.wait_sent(sim, 600)
+
+    cut_at = time.monotonic()
+    broker_proxy.pause("refuse")
+    rig.wait_log(standby, "ha.takeover", timeout=15)
+    took = time.monotonic() - cut_at
+    published_when_cut = rig.metric(leader, "tutum_bridge_events_published_total")
+    broker_proxy.resume()
+    rig.wait_log(leader, "ha.standby", timeout=20, count=2)
+
+    ledger = rig.settle(sim, 2400, takeover_seconds=round(took, 2))
+    assert took < 10, ledger.summary()
+    assert_guarantee(ledger)
+    assert same_identity(rig.collector.messages)
+    assert rig.metric(leader, "tutum_bridge_leader") == 0
+    assert rig.metric(leader, "tutum_bridge_events_published_total") == published_when_cut
+
+
+def test_without_ha_a_killed_bridge_loses_what_happened_while_it_was_down(rig):
+    """BRIDGE_HA=off, one bridge, SIGKILL and a restart 3 s later (as systemd would):
+    the events that happened meanwhile reached nobody. Reported, not asserted zero."""
+    sim = rig.simulator("--fanout", "--rate", RATE, "--count", "1600")
+    first = rig.bridge(sim, name="single", BRIDGE_SPOOL=str(rig.tmp_path / "single.sqlite3"))
+    rig.wait_sent(sim, 600)
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    rig.bridges.remove(first)
+    down_at = rig.stats(sim)["last_seq"]
+    wait_for(lambda: rig.stats(sim)["last_seq"] >= down_at + 600, 20, 0.05,
+             what="3 s of events while the bridge is down")
+    rig.bridge(sim, name="single-again", BRIDGE_SPOOL=str(rig.tmp_path / "single.sqlite3"))
+    wait_for(lambda: rig.stats(sim)["last_seq"] >= 1600, 30, 0.1, what="the stream to end")
+    rig.collector.wait(1600, 10, allow_missing=frozenset(range(1, 1601)))
+    ledger = compute(rig.test, 1600, list(rig.collector.messages),
+                     happened=1600, sent_to_bridge=rig.stats(sim)["sent"]).report()
+    assert ledger.lost > 0, ledger.summary()
