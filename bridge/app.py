@@ -202,6 +202,9 @@ class Bridge:
             host, port = self._cfg.metrics_addr
             raise ConfigError(f"BRIDGE_METRICS_ADDR {host}:{port}: {exc.strerror}") from None
         server.start()
+        host, port = server.address[:2]
+        # For the health check (bridge/probe.py), which cannot know a port 0 picked.
+        config_mod.metrics_address_file(self._cfg.spool_path).write_text(f"{host}:{port}\n")
         return server
 
     def _run_stream(self, stream: StreamReader) -> None:

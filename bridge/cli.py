@@ -27,9 +27,21 @@ VERBS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit 2 (argparse prints usage too)."""
+    """argparse, but a usage error is one line and exit 2 (argparse prints usage too),
+    and no abbreviations: `--amqp-ur URL` would parse as `--amqp-url` yet escape
+    `hide_secret_flags`, which matches whole flag names, leaving a secret on the
+    command line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        head, sep, rest = message.partition("unrecognized arguments: ")
+        if sep:
+            # The values may be secrets given to a mistyped flag: name the flags only.
+            flags = [a.partition("=")[0] for a in rest.split() if a.startswith("-")]
+            message = f"{head}unrecognized arguments: {' '.join(flags) or '(values)'}"
         sys.stderr.write(f"tutum-bridge: {message} (see {self.prog} --help)\n")
         raise SystemExit(EXIT_CONFIG)
 

@@ -550,19 +550,70 @@ ALL_RUN_SETTINGS = (STREAM_SETTINGS + AMQP_SETTINGS + TOPOLOGY_SETTINGS + RUN_SE
                     + HA_SETTINGS + LOG_SETTINGS)
 
 
+# systemd credentials (LoadCredential=, systemd 247 and later) by the names the unit
+# file gives them, and the settings they stand in for when those are not set.
+CREDENTIAL_FILES = {"apikey_file": "tutum-apikey", "amqp_password_file": "amqp-password"}
+
+
+def apply_credentials(values: dict[str, object], environ: Mapping[str, str]) -> None:
+    """Files in systemd's $CREDENTIALS_DIRECTORY fill TUTUM_APIKEY_FILE and
+    AMQP_PASSWORD_FILE where neither the flag nor the variable gave them: the unit
+    needs no `%d` specifier, which systemd before 251 does not know."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return
+    for setting, name in CREDENTIAL_FILES.items():
+        path = Path(directory) / name
+        if values.get(setting) is None and path.is_file():
+            values[setting] = path
+
+
+def spool_path(values: Mapping[str, object], environ: Mapping[str, str]) -> Path:
+    return values["spool"] or (values["state_dir"] or default_state_dir(environ)) / "spool.sqlite3"
+
+
+def metrics_address_file(spool: Path) -> Path:
+    """Where `run` writes the address its listener bound (port 0 picks one), beside
+    the spool, so the health check finds it."""
+    return spool.with_name(spool.name + ".metrics-address")
+
+
+def probe_address(environ: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """Where a health check reaches the bridge configured by `environ`; None when its
+    listener is off (BRIDGE_METRICS_ADDR empty)."""
+    environ = os.environ if environ is None else environ
+    names = ("state_dir", "spool", "metrics_addr")
+    values = resolve(argparse.Namespace(), environ,
+                     tuple(s for s in RUN_SETTINGS if s.name in names))
+    address = values["metrics_addr"]
+    if address is None:
+        return None
+    host, port = address
+    if port == 0:
+        written = metrics_address_file(spool_path(values, environ))
+        try:
+            host, _, port_text = written.read_text().strip().rpartition(":")
+            port = int(port_text)
+        except (OSError, ValueError):
+            raise ConfigError(f"BRIDGE_METRICS_ADDR has port 0 and {written} does not say "
+                              f"which port the bridge bound (not started yet?)") from None
+    # A wildcard address is reached on the loopback of the same host or container.
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host), port
+
+
 def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
     """The validated `run` configuration, or ConfigError with one clear line."""
     environ = os.environ if environ is None else environ
     values = resolve(args, environ, ALL_RUN_SETTINGS)
+    apply_credentials(values, environ)
     stream, stream_secrets = stream_config(values, values["reconnect_max"])
     amqp, amqp_secrets = amqp_config(values)
-    state_dir = values["state_dir"] or default_state_dir(environ)
     return Config(
         stream=stream, amqp=amqp,
         unrouted=values["unrouted"], quarantine=values["quarantine"],
         queue_type=values["queue_type"],
         history=values["history"], history_queue=values["history_queue"],
-        spool_path=values["spool"] or state_dir / "spool.sqlite3",
+        spool_path=spool_path(values, environ),
         spool_max_bytes=values["spool_max_bytes"], spool_sync=values["spool_sync"],
         inflight=values["inflight"], reconnect_max=values["reconnect_max"],
         confirm_timeout=values["confirm_timeout"], shutdown_timeout=values["shutdown_timeout"], metrics_addr=values["metrics_addr"],

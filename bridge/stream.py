@@ -2,25 +2,35 @@
 
 `StreamReader.run` is a loop over one explicit state machine:
 
-    CONNECTING -> AUTHENTICATING -> STREAMING -> (lost) -> CONNECTING ...
+    CONNECTING -> AUTHENTICATING -> STREAMING -> (lost) -> BACKOFF -> CONNECTING ...
                                               -> CLOSING (stop(): close handshake)
                                                    -> CLOSED
+
+A stop() while CONNECTING or AUTHENTICATING abandons the attempt: no authentication,
+so no bridge.connected for a connection that never served.
 
 It knows websockets and the Tutum handshake, and nothing of AMQP: every frame goes to
 a `StreamSink`, which decides what the frame is and where it goes. Liveness is ours:
 after `ping_interval` of silence we ping, and a connection that then stays silent for
 `ping_timeout` is dead and replaced -- a half-open socket never stalls the bridge.
+Read deadlines are absolute (a peer dripping a byte at a time does not postpone the
+ping), and a stop while connecting or authenticating abandons the attempt at once:
+the TCP connect and the TLS and HTTP handshakes run on a socket `stop()` can shut.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import json
+import os
+import select
 import socket
 import ssl
 import threading
 import time
 from typing import Callable, Protocol
+from urllib.parse import urlsplit
 
 import websocket
 
@@ -33,6 +43,7 @@ from bridge.errors import TLSVerificationError, UpstreamUnauthorized
 CONNECT_TIMEOUT = 10.0
 AUTH_TIMEOUT = 15.0
 CLOSE_TIMEOUT = 2.0      # on stop, how long to read on while the close handshake runs
+STOP_CHECK_EVERY = 0.5   # seconds between looks at the stop flag while authenticating
 
 
 class StreamSink(Protocol):
@@ -50,6 +61,7 @@ class State(enum.Enum):
     CONNECTING = "connecting"
     AUTHENTICATING = "authenticating"
     STREAMING = "streaming"
+    BACKOFF = "backoff"          # lost, waiting before the next attempt
     CLOSING = "closing"
     CLOSED = "closed"
 
@@ -70,6 +82,7 @@ class StreamReader:
         self._backoff = Backoff(base=0.5, cap=config.reconnect_max)
         self._stopping = threading.Event()
         self._ws: websocket.WebSocket | None = None
+        self._opening: socket.socket | None = None     # the socket of a connect attempt
         self._context: ssl.SSLContext | None = None
         self._close_deadline: float | None = None
         self.state = State.CLOSED
@@ -94,11 +107,12 @@ class StreamReader:
             except (OSError, websocket.WebSocketException):
                 pass
         self._stopping.set()
-        if ws is not None and ws.sock is not None:
-            try:
-                ws.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        for sock in (self._opening, ws.sock if ws is not None else None):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     # --- the loop --------------------------------------------------------------------
 
@@ -110,6 +124,7 @@ class StreamReader:
                 self._beat()
                 try:
                     self._connect()
+                    self._check_stopping()
                     self._authenticate()
                     self._backoff.reset()
                     self._stream()
@@ -124,8 +139,13 @@ class StreamReader:
             self.state = State.CLOSED
             self._sink.flush()
 
+    def _check_stopping(self) -> None:
+        if self._stopping.is_set():
+            raise ConnectionLost("the bridge is stopping")
+
     def _on_lost(self, reason: str) -> None:
         was_streaming = self.state in (State.STREAMING, State.CLOSING)
+        self.state = State.BACKOFF
         self._close()
         if was_streaming:
             if self._stopping.is_set():
@@ -141,10 +161,10 @@ class StreamReader:
         url, secrets = self._config.current_url()     # a rotated TUTUM_APIKEY_FILE
         logging_.add_secrets(secrets)
         try:
+            sock = self._open_socket()
             self._ws = websocket.create_connection(
                 url, timeout=CONNECT_TIMEOUT, header=list(self._config.headers),
-                sslopt={"context": self._tls_context()}, skip_utf8_validation=True,
-                enable_multithread=True)
+                socket=sock, skip_utf8_validation=True, enable_multithread=True)
         except ssl.SSLCertVerificationError as exc:
             hint = ("check that TUTUM_CA_FILE signed the server's certificate and that it "
                     "names this host" if self._config.ca_file
@@ -157,13 +177,60 @@ class StreamReader:
                 self._unauthorized(f"HTTP {exc.status_code}")
             raise ConnectionLost(f"handshake refused: HTTP {exc.status_code}") from None
         except (OSError, websocket.WebSocketException) as exc:
+            self._check_stopping()
             raise ConnectionLost(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            self._opening = None
         self._reader = frames.FrameReader(self._ws.sock, self._config.max_frame_bytes)
 
-    def _tls_context(self) -> ssl.SSLContext | None:
+    def _open_socket(self) -> socket.socket:
+        """TCP (and TLS) to the stream host, abandoned as soon as `stop()` is called.
+
+        A blocking connect cannot be interrupted, so it runs non-blocking and looks
+        at the stop flag between waits; TLS then runs on `_opening`, which `stop()`
+        shuts down. websocket-client does the HTTP handshake on the result.
+        """
+        parts = urlsplit(self._config.url)
+        secure = parts.scheme == "wss"
+        host, port = parts.hostname, parts.port or (443 if secure else 80)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        error: OSError = OSError(errno.EHOSTUNREACH, f"no address for {host}")
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port,
+                                                                  type=socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            self._opening = sock
+            try:
+                self._connect_socket(sock, address, deadline)
+            except OSError as exc:
+                sock.close()
+                self._check_stopping()
+                error = exc
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            if secure:
+                sock = self._tls_context().wrap_socket(sock, server_hostname=host)
+                self._opening = sock
+            return sock
+        raise error
+
+    def _connect_socket(self, sock: socket.socket, address, deadline: float) -> None:
+        sock.setblocking(False)
+        code = sock.connect_ex(address)
+        while code in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+            self._check_stopping()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OSError(errno.ETIMEDOUT, "connect timed out")
+            _, writable, failed = select.select([], [sock], [sock], min(left, 0.1))
+            if writable or failed:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise OSError(code, os.strerror(code))
+        sock.setblocking(True)
+
+    def _tls_context(self) -> ssl.SSLContext:
         """A verifying context for wss:// (made once: loading CAs takes most of a second)."""
-        if not self._config.url.startswith("wss:"):
-            return None
         if self._context is None:
             ca = self._config.ca_file
             self._context = ssl.create_default_context(cafile=str(ca) if ca else None)
@@ -174,11 +241,17 @@ class StreamReader:
         self.state = State.AUTHENTICATING
         deadline = time.monotonic() + AUTH_TIMEOUT
         while True:
-            frame = self._read(deadline - time.monotonic())
+            left = deadline - time.monotonic()
+            # In slices, so a stop is seen even if it raced the socket's shutdown.
+            frame = self._read(min(left, STOP_CHECK_EVERY))
             if frame is None:
+                self._check_stopping()
+                if left > STOP_CHECK_EVERY:
+                    continue
                 raise ConnectionLost("no auth frame from the server in time")
             if frame.opcode in (frames.PING, frames.PONG):
                 continue
+            self._check_stopping()        # a stop now: no bridge.connected for nothing
             kind, message = _handshake_kind(frame.payload)
             if kind == "error" and "UNAUTHORIZED" in message.upper():
                 self._unauthorized("UNAUTHORIZED")

@@ -2,9 +2,9 @@
 clean Ctrl-C.
 
 The figures themselves depend on the machine; what a user relies on is that the run
-completes, reports every bridge and ceiling, the share of the limit, the soak's samples
-and verdicts and the plot, and leaves nothing behind on the broker or in the process
-table.
+completes, reports every bridge and ceiling (and the HA pair), the share of the limit,
+the soak's samples and verdicts and the plot, and leaves nothing behind on the broker
+or in the process table.
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ def assert_nothing_left(names: dict[str, str]) -> None:
 
 
 SOAK = ["--soak", "5s", "--soak-rate", "200", "--sample-seconds", "1"]
-BRIDGES = {"real", "naive-confirm", "naive-fire"}
+BRIDGES = {"real", "naive-confirm", "naive-fire", "real-ha"}
 CEILINGS = {"stream-ceiling", "broker-ceiling"}
 
 
 @pytest.mark.slow
 def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    proc = bench(*TINY, *SOAK, "--json", str(out), "--plot", str(png))
+    proc = bench(*TINY, *SOAK, "--ha", "--json", str(out), "--plot", str(png))
     stdout, stderr = proc.communicate(timeout=150)
     assert proc.returncode == 0, stderr[-3000:]
 
@@ -79,12 +79,15 @@ def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
         latency = figures["latency"]["latency_ms"]
         assert 0 < latency["p50"] <= latency["p99"] <= latency["max"], name
         assert figures["latency"]["samples"], name   # what the plot draws
-        assert figures["idle"]["cpu_percent"] >= 0, name
     assert set(report["ratios"]) == {"real/naive-confirm", "real/naive-fire",
-                                     "real/min(ceilings)"}
+                                     "real/min(ceilings)", "real-ha/real"}
     share = report["ratios"]["real/min(ceilings)"]
     assert share["limit"] in CEILINGS and share["burst"] > 0
     assert "of the limit, set by" in stdout
+    ha = report["bridges"]["real-ha"]["burst"]
+    assert ha["duplicates"] == 0                # one leader publishes each event once
+    assert ha["standby"]["cpu_seconds_per_10k"] > 0   # the witness read the burst too
+    assert report["ratios"]["real-ha/real"]["burst"] > 0
 
     soak = report["bridges"]["real"]["soak"]
     assert soak["events"] == 1000 and soak["duplicates"] == 0

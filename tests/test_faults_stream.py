@@ -3,20 +3,28 @@
 Same bench and books as tests/test_faults.py: a private RabbitMQ node, the simulator
 with `--sequence`, the real bridge, and a ledger at the end (`pytest -s` prints it).
 Here the faults are on the bridge's own side: the spool's filesystem fills up for
-real (a small tmpfs, mounted by the test as root).
+real (a small tmpfs, mounted by the test as root); and on the stream's, from the
+hostile server (tests/support/hostile_server.py) numbering its events with `sim_seq`
+as the simulator does: a fragment bomb, a dead-slow drip, SIGTERM during connect.
 
 Reproduce one: `FAULT_REPORT=/tmp/faults.jsonl .venv/bin/python -m pytest -s tests/test_faults_stream.py -k NAME`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import time
 
 import pytest
 
-from tests.support.fault_rig import assert_guarantee
+from tests.support import broker
+from tests.support.fault_rig import Rig, assert_guarantee
+from tests.support.hostile_server import CONTINUATION, Frame, HostileServer, Raw, Script, Dribbled
+from tests.support.hostile_server import frame_header
+from tests.support.ledger import Collector, compute
 from tests.support.wait import wait_for
 from tests.test_faults import rig  # noqa: F401 - the fixture
 from tests.support.rabbit_node import extra_node, healthy_node  # noqa: F401 - fixtures of rig
@@ -77,3 +85,92 @@ def test_the_spools_filesystem_fills_up_and_nothing_is_lost(small_fs, rig):  # n
     assert_guarantee(ledger)
     rig.check_bridge()
     assert rig.metric(proc, "tutum_bridge_spool_unwritable") == 0
+
+
+# --- the stream's side, from the hostile server ---------------------------------------
+
+def numbered(first: int, last: int) -> list[Frame]:
+    return [Frame(json.dumps({"type": "container", "action": "update", "sim_seq": n}).encode(),
+                  label=f"#{n}") for n in range(first, last + 1)]
+
+
+@pytest.fixture
+def books(request, topology):
+    """A `#` queue on this test's exchange, collected from the start."""
+    collector = Collector(broker.AMQP_URL, topology.bind("#")).start()
+    yield collector
+    collector.stop()
+
+
+def settle(request, books: Collector, sent: int, **extra):
+    books.wait(sent, 30, settle=0.5)
+    return compute(request.node.name, sent, list(books.messages), **extra).report()
+
+
+def hostile_bridge(bridge, server: HostileServer, **env: str):
+    return bridge(server, TUTUM_STREAM_URL=f"{server.url}/v1/events",
+                  BRIDGE_METRICS_ADDR="127.0.0.1:0", **env)
+
+
+def test_a_fragment_bomb_is_reassembled_without_recursion(request, books, bridge):
+    """A legal message in 1 + 3,000 continuation frames, all but the first empty
+    (about 6 KB on the wire), between valid events: it is one valid event, and
+    the bridge is still there for what follows."""
+    bomb = json.dumps({"type": "container", "action": "update", "sim_seq": 101}).encode()
+    wire = frame_header(1, len(bomb), fin=False) + bomb
+    wire += frame_header(CONTINUATION, 0, fin=False) * 2999 + frame_header(CONTINUATION, 0)
+    steps = numbered(1, 100) + [Raw(wire, label="fragment bomb")] + numbered(102, 200)
+    with HostileServer([Script(steps)]) as server:
+        proc = hostile_bridge(bridge, server)
+        ledger = settle(request, books, 200)
+        assert proc.popen.poll() is None, proc.stderr[-3000:]
+    assert_guarantee(ledger, duplicates_allowed=False)
+    assert books.lifecycle("disconnected") == []
+
+
+def test_a_dead_slow_drip_is_pinged_and_replaced(request, books, bridge):
+    """After 50 events the server drips a frame a byte every 0.4 s. The read deadline
+    is absolute, so the 1 s ping is sent on time; its pong is stuck behind the
+    drip, so after 1 s more the connection is replaced, and the next connection's
+    events all arrive. (The dripped frame never completed: no event to lose.)"""
+    drip = Dribbled(b'{"type":"drip"}' * 4, cuts=tuple(range(1, 60)), pause=0.4, label="drip")
+    scripts = [Script(numbered(1, 50) + [drip]), Script(numbered(51, 100))]
+    with HostileServer(scripts) as server:
+        proc = hostile_bridge(bridge, server, BRIDGE_PING_INTERVAL="1", BRIDGE_PING_TIMEOUT="1")
+        began = time.monotonic()
+        server.wait_connections(2, timeout=15)
+        replaced_after = time.monotonic() - began
+        ledger = settle(request, books, 100, replaced_after=round(replaced_after, 1))
+        assert proc.popen.poll() is None, proc.stderr[-3000:]
+    assert_guarantee(ledger, duplicates_allowed=False)
+    assert replaced_after < 10, "the drip must not keep the dead-slow connection alive"
+    assert server.connections[0].received and server.connections[0].received[0][0] == 9  # ping
+    assert len(books.lifecycle("connected")) == 2
+
+
+@pytest.mark.parametrize("stage", ["connecting", "authenticating"])
+def test_sigterm_during_connect_stops_at_once_without_a_connection(request, books, bridge,
+                                                                    stage):
+    """The first connection delivers 50 events and drops; the second hangs, in the
+    HTTP handshake (CONNECTING) or before the auth frame (AUTHENTICATING). SIGTERM
+    then: exit 0 within 2.5 s, everything delivered, and no bridge.connected for the
+    connection that never was (nor its bridge.disconnected)."""
+    hanging = (Script(handshake_delay=30) if stage == "connecting"
+               else Script(auth=False))
+    with HostileServer([Script(numbered(1, 50), then="drop"), hanging]) as server:
+        proc = hostile_bridge(bridge, server)
+        server.wait_connections(2, timeout=15)
+        books.wait(50, 20, settle=0)
+        time.sleep(0.3)     # into the hanging attempt; it lasts 15-30 s
+        began = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = proc.wait(20)
+        took = time.monotonic() - began
+        ledger = settle(request, books, 50, exit_seconds=round(took, 2))
+    assert code == 0, proc.stderr[-3000:]
+    assert took < 2.5, f"took {took:.1f}s to stop while {stage}"
+    assert_guarantee(ledger, duplicates_allowed=False)
+    assert len(books.lifecycle("connected")) == 1
+    assert len(books.lifecycle("disconnected")) == 1
+    assert not any(line.get("event") == "stream.authenticated"
+                   for line in Rig.log(proc)[-5:]), "authenticated after the stop"

@@ -155,7 +155,7 @@ def broker_ceiling(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("kind", choices=("stream", "broker"))
     parser.add_argument("stream_url", help="ws://host/v1/events?token=KEY&user=USER")
     parser.add_argument("--expect", type=int, required=True)

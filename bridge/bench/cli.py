@@ -27,7 +27,7 @@ import pika
 
 from bridge.bench import plot
 from bridge.bench.children import BenchError
-from bridge.bench.harness import BRIDGES, CEILINGS, Bench, Settings
+from bridge.bench.harness import BRIDGES, CEILINGS, HA, Bench, Settings
 from bridge.bench.report import ratios, table
 from bridge.config import Setting, child_environment, from_environment, parse_amqp_urls, redact_url
 from bridge.config import add_arguments as add_settings
@@ -85,7 +85,7 @@ def _duration(text: str) -> float:
 
 def _bridges(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    known = BRIDGES + CEILINGS
+    known = BRIDGES + CEILINGS + (HA,)
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
@@ -105,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bridges", type=_bridges, default=BRIDGES + CEILINGS,
                         help=f"which bridges and ceilings to measure "
                              f"(default {','.join(BRIDGES + CEILINGS)})")
+    parser.add_argument("--ha", action="store_true",
+                        help=f"also measure {HA}: the real bridge with BRIDGE_HA=on, leading, "
+                             f"with a second replica witnessing")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-idle", action="store_true")
     parser.add_argument("--backlog", type=_count(0), default=0, metavar="N",
@@ -145,9 +148,10 @@ def main(args: argparse.Namespace) -> int:
         plot.check(args)
     if args.backlog and "real" not in args.bridges:
         say("note: --backlog measures the real bridge, which --bridges leaves out")
+    bridges = args.bridges + ((HA,) if args.ha and HA not in args.bridges else ())
     settings = Settings(amqp_url=amqp_url, events=args.events, rate=args.rate,
                         latency_seconds=args.latency_seconds, idle_seconds=args.idle_seconds,
-                        bridges=args.bridges, skip_latency=args.skip_latency,
+                        bridges=bridges, skip_latency=args.skip_latency,
                         skip_idle=args.skip_idle, backlog=args.backlog,
                         soak_seconds=args.soak or 0.0, soak_rate=args.soak_rate,
                         sample_seconds=args.sample_seconds)

@@ -107,7 +107,7 @@ def write_json(path: str, data: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--amqp-url", required=True)
     parser.add_argument("--queue", required=True)
     parser.add_argument("--expect", type=int, required=True)

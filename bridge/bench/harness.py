@@ -6,6 +6,9 @@ all separate processes on real sockets. Bridges run one after another, never sid
 side, so each has the machine (such as it is) to itself. The ceilings
 (bridge/bench/ceiling.py) are measured the same way, burst only; the soak runs the
 real bridge at a fixed rate for a long time, sampled as it goes (bridge/bench/timeline.py).
+`real-ha` is the real bridge with BRIDGE_HA=on and a second replica witnessing, on a
+`--fanout` simulator that starts the world once both are connected: the figures are
+the leader's, plus what the standby costs.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from bridge.config import RUN_SETTINGS
 
 BRIDGES = ("real", "naive-confirm", "naive-fire")
 CEILINGS = ("stream-ceiling", "broker-ceiling")
+HA = "real-ha"
+HA_SIM_FLAGS = ("--fanout", "--clients", "2")
 LATENCY_SAMPLE = 1.0   # seconds between samples of the latency phase (for the plot)
 # The real bridge's default window of unconfirmed events, which the broker ceiling uses.
 WINDOW = int(next(s.default for s in RUN_SETTINGS if s.name == "inflight"))
@@ -62,19 +67,23 @@ class Session:
 
     name: str
     sim: Child
-    bridge: Child
+    bridge: Child               # with HA, the leader
     consumer: Child | None      # none for the stream ceiling, which publishes nothing
     results: Path
     progress: Path
     ceiling_out: Path
+    standby: Child | None = None
     meter: Meter = field(init=False)
+    standby_meter: Meter | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.meter = Meter(self.bridge.pid)
+        self.standby_meter = Meter(self.standby.pid) if self.standby else None
 
     @property
     def processes(self) -> list[Child]:
-        return [c for c in (self.sim, self.bridge, self.consumer) if c is not None]
+        return [c for c in (self.sim, self.bridge, self.standby, self.consumer)
+                if c is not None]
 
 
 class Bench:
@@ -114,7 +123,7 @@ class Bench:
         if not s.skip_latency:
             count = round(s.rate * s.latency_seconds)
             with self.session(bridge, "latency", count, "--rate", str(s.rate),
-                              buckets=LATENCY_SAMPLE) as session:
+                              *_sim_flags(bridge), buckets=LATENCY_SAMPLE) as session:
                 sampler = self.sampler(session, LATENCY_SAMPLE)
                 got = self.deliver(session, count, tick=sampler.tick)
                 figures["latency"] = {"rate": s.rate, "events": count,
@@ -125,7 +134,7 @@ class Bench:
                     figures["idle"] = self.idle(session)
         elif not s.skip_idle:
             # The simulator's --count is at least 1: one event proves the path, then silence.
-            with self.session(bridge, "idle", 1, "--rate", "0") as session:
+            with self.session(bridge, "idle", 1, "--rate", "0", *_sim_flags(bridge)) as session:
                 self.deliver(session, 1)
                 figures["idle"] = self.idle(session)
         figures["peak_rss_bytes"] = max(f["peak_rss_bytes"] for f in figures.values()
@@ -134,12 +143,18 @@ class Bench:
 
     def burst(self, bridge: str) -> dict:
         n = self.settings.events
-        with self.session(bridge, "burst", n, "--rate", "0") as session:
+        with self.session(bridge, "burst", n, "--rate", "0", *_sim_flags(bridge)) as session:
             cpu_before = self.cpu_when_sending(session)
+            standby_before = session.standby_meter.cpu() if session.standby_meter else None
             got = self.deliver(session, n)
-            return {**_burst(session, n, got["last_delivery"] - got["first_sent"],
-                             session.meter.cpu() - cpu_before),
-                    "latency_ms": got["latency_ms"], "duplicates": got["duplicates"]}
+            figures = {**_burst(session, n, got["last_delivery"] - got["first_sent"],
+                                session.meter.cpu() - cpu_before),
+                       "latency_ms": got["latency_ms"], "duplicates": got["duplicates"]}
+            if session.standby_meter:
+                cpu = session.standby_meter.cpu() - standby_before
+                figures["standby"] = {"cpu_seconds": cpu, "cpu_seconds_per_10k": cpu * 10_000 / n,
+                                      "peak_rss_bytes": session.standby_meter.peak_rss()}
+            return figures
 
     def ceiling_burst(self, ceiling: str) -> dict:
         """The stream ceiling from the first send to its last frame; the broker ceiling
@@ -252,11 +267,27 @@ class Bench:
             if consumer:
                 reader = self.start_consumer(name, count, results, progress, buckets)
                 started.append(reader)
-            started.append(self.start_bridge(bridge, name, sim, count, ceiling_out, amqp_url,
-                                             env or {}))
-            yield Session(name, sim, started[-1], reader, results, progress, ceiling_out)
+            standby = None
+            if bridge == HA:
+                leader = self.start_replica(name, sim, "ha.leader", started)
+                standby = self.start_replica(f"{name}-standby", sim, "ha.standby", started)
+            else:
+                started.append(self.start_bridge(bridge, name, sim, count, ceiling_out,
+                                                 amqp_url, env or {}))
+                leader = started[-1]
+            yield Session(name, sim, leader, reader, results, progress, ceiling_out, standby)
         finally:
             self.children.stop(*reversed(started))
+
+    def start_replica(self, name: str, sim: Child, role: str, started: list[Child]) -> Child:
+        """One BRIDGE_HA=on replica, once its log says it took `role`: the first one
+        started leads, so the leader is known before the second connects."""
+        replica = self.start_bridge("real", name, sim, 0, Path(), None,
+                                    {"BRIDGE_HA": "on", "LOG_LEVEL": "info"})
+        started.append(replica)
+        wait_until(lambda: role in replica.log.read_text(errors="replace"), 30,
+                   f"{name} to log {role}", replica, sim)
+        return replica
 
     def start_consumer(self, name: str, count: int, results: Path, progress: Path,
                        buckets: float) -> Child:
@@ -350,6 +381,10 @@ class Bench:
                 last_count, last_at = current, now
             time.sleep(0.05)
         return result()
+
+
+def _sim_flags(bridge: str) -> tuple[str, ...]:
+    return HA_SIM_FLAGS if bridge == HA else ()
 
 
 def _burst(session: Session, n: int, seconds: float, cpu: float) -> dict:

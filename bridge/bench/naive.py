@@ -16,7 +16,7 @@ import websocket
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--confirm", action=argparse.BooleanOptionalAction, required=True)
     parser.add_argument("stream_url", help="ws://host/v1/events?token=KEY&user=USER")
     parser.add_argument("amqp_url")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from bridge.bench.harness import CEILINGS
+from bridge.bench.harness import CEILINGS, HA
 
 MiB = 1024 * 1024
 SHARE = "real/min(ceilings)"
@@ -39,7 +39,7 @@ def ratios(figures: dict) -> dict:
     burst = _get("burst", "events_per_second")
     out = {}
     for name, other in figures.items():
-        if name == "real" or name in CEILINGS:
+        if name in ("real", HA) or name in CEILINGS:
             continue
         out[f"real/{name}"] = {
             "burst": _ratio(real, other, burst),
@@ -48,11 +48,19 @@ def ratios(figures: dict) -> dict:
     if ceilings:
         limit = min(ceilings, key=ceilings.get)
         out[SHARE] = {"burst": _ratio(real, figures[limit], burst), "limit": limit}
+    if HA in figures:
+        ha, cpu = figures[HA], _get("burst", "cpu_seconds_per_10k")
+        standby = _get("burst", "standby", "cpu_seconds_per_10k")(ha)
+        out[f"{HA}/real"] = {"burst": _ratio(ha, real, burst), "cpu_per_event": _ratio(ha, real, cpu),
+                             "standby_cpu_per_event": _div(standby, cpu(real))}
     return out
 
 
 def _ratio(a: dict, b: dict, get: Callable[[dict], float | None]) -> float | None:
-    x, y = get(a), get(b)
+    return _div(get(a), get(b))
+
+
+def _div(x: float | None, y: float | None) -> float | None:
     return x / y if x is not None and y else None
 
 
@@ -74,7 +82,12 @@ def table(figures: dict) -> str:
                          f"set by {r['limit']})")
             continue
         cpu = "-" if r["cpu_per_event"] is None else f"{r['cpu_per_event']:.2f}x"
-        lines.append(f"{pair}: burst throughput {burst}, CPU per event {cpu}")
+        line = f"{pair}: burst throughput {burst}, CPU per event {cpu}"
+        if "standby_cpu_per_event" in r:
+            standby = r["standby_cpu_per_event"]
+            line += (", the standby's CPU per event "
+                     + ("-" if standby is None else f"{standby:.2f}x") + " the single bridge's")
+        lines.append(line)
     backlog = figures.get("real", {}).get("backlog")
     if backlog:
         lines.append(f"real backlog of {backlog['events']} events: peak RSS while waiting "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pika
 
 from bridge import topology
+from bridge.ha.link import Names
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class Topology:
             conn.channel().queue_purge(self.queue)
 
     def delete(self, url: str) -> None:
-        """Deletes everything of this run, including what the real bridge declared."""
+        """Deletes everything of this run, including what the real bridge declared
+        (with BRIDGE_HA=on, the replicas' exchange too; their queues were exclusive)."""
         with pika.BlockingConnection(pika.URLParameters(url)) as conn:
-            topology.delete(conn.channel(), self.spec)
+            channel = conn.channel()
+            topology.delete(channel, self.spec)
+            channel.exchange_delete(Names.for_exchange(self.exchange).exchange)

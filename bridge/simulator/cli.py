@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="events happen in real time and every connected client gets "
                         "each one (several replicas of one account); default: each event "
                         "goes to one connection, handed over without loss")
+    parser.add_argument("--clients", type=_positive, default=1, metavar="N",
+                        help="with --fanout, the world starts once N clients are connected, "
+                        "so a burst reaches all of them (default 1)")
     parser.add_argument("--replay", type=_file, metavar="FILE",
                         help="send each line of a JSON-lines file verbatim instead")
     faults = parser.add_argument_group("fault injection")
@@ -109,6 +112,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--stall-seconds needs --stall-after")
     if args.ready_file and not args.ready_file.parent.is_dir():
         raise ConfigError(f"--ready-file: no directory {args.ready_file.parent}")
+    if args.clients > 1 and not args.fanout:
+        raise ConfigError("--clients needs --fanout")
     if args.fanout and args.stall_after:
         raise ConfigError("--stall-after is not supported with --fanout")
     if not values["user"] or not values["apikey"]:
@@ -127,7 +132,8 @@ def main(args: argparse.Namespace) -> int:
         sequence=args.sequence and not args.replay,
         drop_every=args.drop_every, stall_after=args.stall_after,
         stall_seconds=args.stall_seconds or 30.0, ready_file=args.ready_file,
-        certfile=args.certfile, keyfile=args.keyfile, seed=seed, fanout=args.fanout)
+        certfile=args.certfile, keyfile=args.keyfile, seed=seed, fanout=args.fanout,
+        clients=args.clients)
     simulator = Simulator(
         settings, Credentials(values["user"], values["apikey"], values["auth"]),
         Source(frames(bodies, args.count, args.malformed_every)), clock)

@@ -6,7 +6,8 @@ nothing of what happened meanwhile. Replicas of the bridge (docs/contract.md sec
 are tested against exactly that, so this mode has one clock for the world, not one per
 connection:
 
-- the world starts when the first client authenticates, then events happen at the
+- the world starts when the first client authenticates (the `--clients`-th, to
+  measure a burst that reaches several replicas), then events happen at the
   configured rate whoever is connected (`--count` ends it);
 - each event is stamped once (`--sequence`: the same `sim_seq` and `sim_sent_at` on
   every copy) and queued to every open connection;
@@ -46,7 +47,7 @@ class Broadcast:
 
     def join(self, session: FanoutSession) -> None:
         self.members.add(session)
-        if self._task is None:
+        if self._task is None and len(self.members) >= self.sim.settings.clients:
             self._task = asyncio.get_running_loop().create_task(self._happen())
 
     def leave(self, session: FanoutSession) -> None:

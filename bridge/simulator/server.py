@@ -59,6 +59,7 @@ class Settings:
     keyfile: Path | None = None
     seed: int = 0
     fanout: bool = False                # every open connection gets every event (fanout.py)
+    clients: int = 1                    # fanout: connections that start the world
 
 
 @dataclass

@@ -193,6 +193,7 @@ class Script:
 
     steps: list = field(default_factory=list)
     handshake: bool | bytes = True
+    handshake_delay: float = 0.0   # seconds between the request and the answer
     auth: bool = True
     then: str = "hold"
 
@@ -292,6 +293,9 @@ class HostileServer:
                 with self._lock:
                     self._sockets.append(peer.sock)
             conn.request = peer.read_request()
+            if script.handshake_delay:
+                # Shapes the server's answer; the test synchronises on `connections`.
+                self._stopping.wait(script.handshake_delay)
             if script.handshake is not True:
                 peer.write(script.handshake)
                 return

@@ -96,7 +96,7 @@ class Podman:
 
     def remove_containers(self, *names: str) -> None:
         if names:
-            self.run("rm", "--force", "--ignore", "--time", "0", *names, check=False, timeout=120)
+            self.run("rm", "--force", "--ignore", "--volumes", "--time", "0", *names, check=False, timeout=120)
 
     def logs(self, name: str) -> str:
         result = self.run("logs", name, check=False, timeout=60)
