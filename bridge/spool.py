@@ -74,7 +74,7 @@ CHECKPOINT_BURST_BYTES = 256 * 1024  # written within one CHECKPOINT_EVERY: a bu
 RETRY_EVERY = 1.0                    # seconds between retries of failed maintenance
 
 _DISK_ERRORS = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class SpoolUnwritable(Exception):
@@ -110,8 +110,10 @@ class Spool:
         self._sync = sync
         self._db = self._connect()
         self.id = self._spool_id()
-        # MIN and MAX of the primary key are index lookups, not scans.
-        first, last = self._db.execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
+        # MIN or MAX of the primary key alone is one index lookup; both in one
+        # SELECT is a scan of the whole table (SQLite's min/max optimisation).
+        first = self._db.execute("SELECT MIN(seq) FROM events").fetchone()[0]
+        last = self._db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
         stored_next = int(self._meta("next_seq") or 1)
         self._next_seq = max(stored_next, (last or 0) + 1)
         self._confirmed = (first - 1) if first is not None else self._next_seq - 1
