@@ -79,7 +79,6 @@ def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
         latency = figures["latency"]["latency_ms"]
         assert 0 < latency["p50"] <= latency["p99"] <= latency["max"], name
         assert figures["latency"]["samples"], name   # what the plot draws
-        assert figures["idle"]["cpu_percent"] >= 0, name
     assert set(report["ratios"]) == {"real/naive-confirm", "real/naive-fire",
                                      "real/min(ceilings)", "real-ha/real"}
     share = report["ratios"]["real/min(ceilings)"]

@@ -172,3 +172,10 @@ def test_the_systemd_unit_works_before_systemd_251_and_installs_no_pypi_name():
     # No `pip install tutum-bridge`: that name on PyPI is not this project.
     assert not re.search(r"pip install\s+tutum-bridge\b", UNIT.read_text())
     assert "pip install dist/tutum_bridge-*.whl" in UNIT.read_text()
+
+
+def test_promtool_accepts_the_alert_rules():
+    promtool = tool("promtool", "apt-get install prometheus")
+    result = run(promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 6 rules found" in result.stdout

@@ -42,12 +42,6 @@ def test_text_values_follow_the_spec_rules(type_, action):
     assert (type_w, action_w) == (spec_type_word(type_), spec_word(action))
 
 
-@given(json_values, json_values)
-def test_key_is_a_pure_function_of_the_values(type_, action):
-    # The key is cached for common values; a cache hit and a miss must agree.
-    assert routing_key(type_, action) == routing_key(type_, action)
-
-
 @pytest.mark.parametrize("type_", ["container", "Container", "CONTAINER", "containter",
                                    "Containter", "CONTAINTER"])
 def test_container_in_any_case_and_the_documented_misspelling_route_as_container(type_):
