@@ -10,7 +10,9 @@ is a constant prefix around the headers table, the message id and the timestamp.
 Promise: `encode_publish` returns exactly the bytes pika writes for `basic_publish(
 exchange, routing_key, body, BasicProperties(content_type="application/json",
 delivery_mode=2, message_id=..., timestamp=..., app_id="tutum-bridge", headers=...))`
-with that negotiated frame_max, and raises what pika raises (`ShortStringTooLong`).
+with that negotiated frame_max, and raises what pika raises (`ShortStringTooLong`), and
+ValueError for a content header larger than frame_max (which pika would send, for the
+broker to close the connection on).
 Header values other than str, bool, int and lists of them go through pika's own
 `encode_table`. tests/test_amqp_encode.py checks this against pika and a broker.
 """
@@ -116,9 +118,14 @@ def encode_publish(channel_number: int, exchange: str, routing_key: str, body: b
     if len(mid) > 255:
         raise ShortStringTooLong(mid)
     size = len(body)
+    header = _HEADER_FIXED + len(table) + len(mid)
+    if header + spec.FRAME_HEADER_SIZE + spec.FRAME_END_SIZE > frame_max:
+        # pika would send it, and the broker would close the connection (frame error).
+        raise ValueError(f"its content header ({header} bytes) does not fit in "
+                         f"frame_max {frame_max}")
     out = [_method_frame(channel_number, exchange, routing_key),
            _HEADER.pack(spec.FRAME_HEADER, channel_number,
-                        _HEADER_FIXED + len(table) + len(mid), _P.INDEX, size),
+                        header, _P.INDEX, size),
            _FLAGS_AND_TYPE, table, _MODE_AND_ID_SIZE.pack(2, len(mid)), mid,
            _U64.pack(timestamp), _APP_ID, _END]
     chunk = frame_max - spec.FRAME_HEADER_SIZE - spec.FRAME_END_SIZE

@@ -23,6 +23,7 @@ from bridge.errors import BridgeError, ConfigError
 from bridge.event import derive_headers
 from bridge.health import Health
 from bridge.metrics import Metrics, MetricsServer
+from bridge.dead_letters import DeadLetters, path_beside as dead_letters_path
 from bridge.publisher import Publisher
 from bridge.ha.node import HaNode
 from bridge.sink import SpoolingSink
@@ -78,8 +79,10 @@ class Bridge:
         spooled = ha.spool if ha else spool
         main_heart = self.live.heart("main", MAIN_BUDGET)
         publisher_heart = self.live.heart("publisher", PUBLISHER_BUDGET)
-        publisher = Publisher(cfg.amqp, cfg.topology,
-                              spooled, inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
+        dead_letters = DeadLetters(dead_letters_path(cfg.spool_path))
+        publisher = Publisher(cfg.amqp, cfg.topology, spooled, dead_letters,
+                              inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
+                              confirm_timeout=cfg.confirm_timeout,
                               on_fatal=self._on_broker_fatal, log=logging_.get("publisher"),
                               metrics=self.metrics, beat=publisher_heart.beat,
                               paused=ha is not None)
@@ -126,6 +129,7 @@ class Bridge:
         if server is not None:
             server.stop()         # before the spool closes: a scrape reads the spool
         spool.close()
+        dead_letters.close()
         self._log.info("bridge.stopped", left_in_spool=left)
         if self._fatal is not None:
             raise self._fatal

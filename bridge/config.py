@@ -229,6 +229,9 @@ AMQP_SETTINGS = (
             parse=parse_existing_file),
     Setting("exchange", "BRIDGE_EXCHANGE", "topic exchange events are published to",
             "tutum.events", parse_exchange_name),
+    Setting("amqp_heartbeat", "BRIDGE_AMQP_HEARTBEAT",
+            "AMQP heartbeat, seconds; a broker link silent for that long is dropped",
+            "10", parse_positive_int),
 )
 
 TOPOLOGY_SETTINGS = (
@@ -262,6 +265,9 @@ RUN_SETTINGS = (
             "2000", parse_positive_int),
     Setting("reconnect_max", "BRIDGE_RECONNECT_MAX", "cap of the reconnect backoff, seconds",
             "30", parse_seconds),
+    Setting("confirm_timeout", "BRIDGE_CONFIRM_TIMEOUT",
+            "seconds a publish may wait for its confirm (unless the broker blocks us) "
+            "before the connection is dropped and the next URL tried", "15", parse_seconds),
     Setting("shutdown_timeout", "BRIDGE_SHUTDOWN_TIMEOUT",
             "seconds allowed on SIGTERM to publish and confirm what is pending", "10",
             parse_seconds),
@@ -348,6 +354,19 @@ class AmqpConfig:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    heartbeat: int = 10
+    password_file: Path | None = None
+
+    def current_urls(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The URLs with the password file as it is now, and the secrets they hold;
+        ConfigError if the file cannot be read at this moment.
+
+        The publisher asks at every connection attempt, so a rotated Kubernetes Secret
+        or systemd credential is used at the next reconnect."""
+        if self.password_file is None:
+            return self.urls, ()
+        password = read_secret_file(self.password_file, "AMQP password")
+        return tuple(_with_password(u, password) for u in self.urls), (password,)
 
     @property
     def redacted_urls(self) -> list[str]:
@@ -361,6 +380,7 @@ class AmqpConfig:
             params.ssl_options = pika.SSLOptions(self.ssl_context(), urlsplit(url).hostname)
         params.client_properties = {"connection_name": f"tutum-bridge {connection_name}",
                                     "product": "tutum-bridge"}
+        params.heartbeat = self.heartbeat
         return params
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -387,10 +407,27 @@ class StreamConfig:
     retry_unauthorized: bool = False
     reconnect_max: float = 30.0
     secrets: tuple[str, ...] = field(repr=False, default=())
+    apikey_file: Path | None = None
 
     @property
     def redacted_url(self) -> str:
         return redact_url(self.url)
+
+    def current_url(self) -> tuple[str, tuple[str, ...]]:
+        """The URL with TUTUM_APIKEY_FILE as it is now, and the secret it holds.
+
+        The stream asks at every connection attempt, so a rotated key is used at the
+        next reconnect; a file unreadable at that moment leaves the key read at start."""
+        if self.apikey_file is None or "token=" not in self.url:
+            return self.url, ()
+        try:
+            apikey = read_secret_file(self.apikey_file, "TUTUM_APIKEY")
+        except ConfigError:
+            return self.url, ()
+        parts = urlsplit(self.url)
+        query = [(k, apikey if k == "token" else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        return urlunsplit(parts._replace(query=urlencode(query))), (apikey,)
 
 
 @dataclass(frozen=True)
@@ -417,6 +454,7 @@ class Config:
     spool_sync: str
     inflight: int
     reconnect_max: float
+    confirm_timeout: float
     shutdown_timeout: float
     metrics_addr: tuple[str, int] | None
     log_level: str
@@ -455,7 +493,9 @@ def amqp_config(values: Mapping[str, object]) -> tuple[AmqpConfig, tuple[str, ..
     return AmqpConfig(urls=urls, exchange=values["exchange"],
                       ca_file=values.get("amqp_ca_file"),
                       cert_file=values.get("amqp_cert_file"),
-                      key_file=values.get("amqp_key_file")), secrets
+                      key_file=values.get("amqp_key_file"),
+                      heartbeat=values.get("amqp_heartbeat") or 10,
+                      password_file=values.get("amqp_password_file")), secrets
 
 
 def _with_password(url: str, password: str) -> str:
@@ -495,7 +535,7 @@ def stream_config(values: Mapping[str, object],
         ping_interval=values["ping_interval"], ping_timeout=values["ping_timeout"],
         max_frame_bytes=values["max_frame_bytes"],
         retry_unauthorized=values["retry_unauthorized"], reconnect_max=reconnect_max,
-        secrets=secrets), secrets
+        secrets=secrets, apikey_file=None if auth else values.get("apikey_file")), secrets
 
 
 def default_state_dir(environ: Mapping[str, str]) -> Path:
@@ -576,7 +616,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         spool_path=spool_path(values, environ),
         spool_max_bytes=values["spool_max_bytes"], spool_sync=values["spool_sync"],
         inflight=values["inflight"], reconnect_max=values["reconnect_max"],
-        shutdown_timeout=values["shutdown_timeout"], metrics_addr=values["metrics_addr"],
+        confirm_timeout=values["confirm_timeout"], shutdown_timeout=values["shutdown_timeout"], metrics_addr=values["metrics_addr"],
         log_level=values["log_level"], log_format=values["log_format"],
         secrets=stream_secrets + amqp_secrets,
         ha=HaConfig(values["ha_heartbeat"], values["ha_fill_grace"]) if values["ha"] else None)

@@ -16,6 +16,7 @@ import structlog
 
 REDACTED = "***"
 _secrets: tuple[str, ...] = ()
+_registered: tuple[str, ...] = ()
 
 
 def _variants(secret: str) -> set[str]:
@@ -27,12 +28,20 @@ def _variants(secret: str) -> set[str]:
 
 def set_secrets(secrets: tuple[str, ...] | list[str]) -> None:
     """Register values that must never be printed."""
-    global _secrets
+    global _secrets, _registered
+    _registered = tuple(secrets)
     forms: set[str] = set()
     for secret in secrets:
         if secret:
             forms |= _variants(secret)
     _secrets = tuple(sorted(forms, key=len, reverse=True))
+
+
+def add_secrets(secrets: tuple[str, ...] | list[str]) -> None:
+    """Register more values that must never be printed (a rotated password)."""
+    new = [s for s in secrets if s and s not in _registered]
+    if new:
+        set_secrets(_registered + tuple(new))
 
 
 def scrub(text: str, secrets: tuple[str, ...] | None = None) -> str:

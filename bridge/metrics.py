@@ -63,6 +63,9 @@ class Metrics:
                                  "Events confirmed by the broker and removed from the spool",
                                  registry=r)
         self.nacks = Counter("tutum_bridge_nacks", "Negative confirms (republished)", registry=r)
+        self.set_aside = Counter("tutum_bridge_events_set_aside",
+                                 "Events the broker refuses for good, kept in the dead letters",
+                                 registry=r)
         self.stream_connects = Counter("tutum_bridge_stream_connects",
                                        "Successful stream authentications", registry=r)
         self.stream_losses = Counter("tutum_bridge_stream_losses", "Stream connections lost",

@@ -1,24 +1,37 @@
 """The broker side: publish the spool's events to RabbitMQ, in order, with confirms.
 
 Modelled on pika's asynchronous publisher example: one `SelectConnection` on its own
-IOLoop thread, an explicit state machine, and callbacks that each do one step:
+IOLoop thread, callbacks that each do one step, and the connection's lifecycle as an
+explicit table (`TRANSITIONS`, below). It knows AMQP and the spool, nothing of
+websockets. What it promises (docs/contract.md section 4):
 
-    CLOSED -> CONNECTING -> DECLARING -> OPEN -> CLOSING -> CLOSED -> (backoff) ...
-                                          \\-> STOPPED (drained, or a fatal refusal)
-
-It knows AMQP and the spool, and nothing of websockets. Publishing is pipelined: up to
-`inflight` events are unconfirmed at once. When the connection or channel is lost,
-every unconfirmed event is republished first, in the original order, with the same
-`message_id` and `x-republished: true`. A nack is treated like a lost channel: the
-nacked event and everything after it are republished in order (events behind it that
-the broker did accept arrive twice). Only a prefix of events that are all confirmed is
-removed from the spool, so nothing is forgotten before the broker has it.
+- Publishing is pipelined: up to a window of events are unconfirmed at once. Only a
+  prefix of events that are all confirmed leaves the spool.
+- Connection or channel lost: every unconfirmed event is republished first, in the
+  original order, same `message_id`, `x-republished: true`.
+- A silent link (no byte from the broker for the heartbeat timeout, or no confirm for
+  `confirm_timeout` while not blocked) is dropped, not waited on, and the next URL is
+  tried. A close that does not complete is dropped too.
+- Nack (a queue refused the message): the channel stays open. The nacked event and
+  everything published after it are republished, in order, after a backoff, with the
+  window shrunk to one event and doubled on each confirm (slow start), so a queue
+  that stays full costs one copy per retry in the other queues, not a window's worth.
+  The backoff is reset only when everything nacked has been confirmed.
+- The reconnect backoff is reset when the broker confirms something, not when a
+  connection opens: a broker that accepts connections and then refuses the work is
+  retried ever more slowly.
+- An event the broker refuses alone (a channel closed by the broker while it was the
+  only one in flight), `MAX_REFUSALS` times, or that cannot be encoded at all, is set
+  aside in the dead letters (bridge/dead_letters.py), counted and logged; the rest go on.
+- A refusal (403/406, a wrong password) is fatal (exit 4) only before the bridge has
+  ever been connected; afterwards it is logged as an error and retried with backoff.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+import sqlite3
 import ssl
 import threading
 import time
@@ -29,17 +42,25 @@ from pika.adapters.select_connection import IOLoop
 from pika import exceptions as pe
 from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed
 
-from bridge.amqp_encode import encode_publish
+from bridge import log as logging_
+from bridge.amqp_encode import APP_ID, CONTENT_TYPE, encode_publish
 from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
+from bridge.dead_letters import DeadLetters
 from bridge.event import IDENTITY_HEADER
-from bridge.errors import BridgeError, BrokerRefused, TLSVerificationError
+from bridge.errors import BridgeError, BrokerRefused, ConfigError, TLSVerificationError
 from bridge.spool import Spool
 from bridge.topology import Topology, is_other_type, is_stream
 
 READ_BATCH = 512
 CONFIRM_FLUSH_DELAY = 0.1     # seconds: confirms are removed from disk in batches
-BEAT_EVERY = 1.0              # seconds between the IOLoop's liveness beats
+WATCH_EVERY = 1.0             # seconds between checks of the link's liveness, and beats
+CLOSE_TIMEOUT = 5.0           # seconds a close handshake may take before the socket goes
+MAX_REFUSALS = 3              # times the broker refuses one event alone before it is set aside
+# Reply codes with which the broker refuses one message rather than the whole link:
+# PRECONDITION_FAILED (a body above max_message_size), and the frame errors of a
+# header larger than frame_max.
+MESSAGE_REFUSALS = {406, 501, 502, 505}
 
 
 class State(enum.Enum):
@@ -51,23 +72,73 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
-class Publisher:
-    """Drains the spool into the broker; reconnects forever unless refused outright."""
+class Input(enum.Enum):
+    CONNECT = "connect"     # an attempt starts
+    OPENED = "opened"       # the AMQP connection is open: declare the topology
+    READY = "ready"         # declared, confirms enabled: publish
+    CLOSE = "close"         # we end the connection (lost channel, refusal, silence)
+    CLOSED = "closed"       # the connection is gone, or the attempt failed
+    STOP = "stop"           # drained, timed out or fatal: from any state, for good
 
-    def __init__(self, amqp: AmqpConfig, topology: Topology, spool: Spool, *,
-                 inflight: int, reconnect_max: float, on_fatal, log, metrics,
+
+TRANSITIONS: dict[tuple[State, Input], State] = {
+    (State.CLOSED, Input.CONNECT): State.CONNECTING,
+    (State.CONNECTING, Input.OPENED): State.DECLARING,
+    (State.CONNECTING, Input.CLOSED): State.CLOSED,
+    (State.DECLARING, Input.READY): State.OPEN,
+    (State.DECLARING, Input.CLOSE): State.CLOSING,
+    (State.DECLARING, Input.CLOSED): State.CLOSED,
+    (State.OPEN, Input.CLOSE): State.CLOSING,
+    (State.OPEN, Input.CLOSED): State.CLOSED,
+    (State.CLOSING, Input.CLOSE): State.CLOSING,
+    (State.CLOSING, Input.CLOSED): State.CLOSED,
+}
+
+
+class IllegalTransition(Exception):
+    """A callback arrived in a state the table does not expect: a bug, so it stops the
+    bridge (exit 1) rather than leave the publisher in a state nobody designed."""
+
+
+class Publisher:
+    """Drains the spool into the broker; reconnects forever unless refused at the start.
+
+    The publishing position, and the invariants that hold between callbacks:
+
+    - `_confirmed`: every event up to it is confirmed (or set aside); the spool forgets
+      them a flush later. `_confirmed < _cursor`.
+    - `_cursor`: the next sequence to publish; everything in (`_confirmed`, `_cursor`)
+      has been published on the current channel, and its copy there is either live
+      or confirmed.
+    - `_unconfirmed`: delivery tag -> (sequence, time sent) of the live copies, in tag
+      order, which is also sequence order. A copy stops being live when confirmed, or
+      when its event is to be republished (after a nack or on a new channel): a late
+      ack of it then counts for nothing, as the republish will be confirmed itself.
+      So `_confirmed` is one below the first live sequence, or `_cursor - 1` if none.
+    - `_published_max`: the highest sequence ever published; at or below it a publish
+      is a republish (`x-republished`). After a restart, all that the spool recovered.
+    - `_set_aside`: sequences in (`_confirmed`, last) that are never to be published.
+    """
+
+    def __init__(self, amqp: AmqpConfig, topology: Topology, spool: Spool,
+                 dead_letters: DeadLetters, *, inflight: int, reconnect_max: float,
+                 confirm_timeout: float, on_fatal, log, metrics,
                  beat: Callable[[], None] = lambda: None, paused: bool = False) -> None:
-        self._beat = beat             # liveness: the IOLoop calls it every BEAT_EVERY
+        self._beat = beat             # liveness: the IOLoop calls it every WATCH_EVERY
         self._amqp = amqp
         self._topology = topology
         self._spool = spool
+        self._dead_letters = dead_letters
         self._inflight = inflight
+        self._confirm_timeout = confirm_timeout
         self._on_fatal = on_fatal
         self._log = log
         self._metrics = metrics
         self._backoff = Backoff(base=0.25, cap=reconnect_max)
+        self._nack_backoff = Backoff(base=0.25, cap=reconnect_max)
         self._ioloop = IOLoop()
-        self._urls = itertools.cycle(amqp.urls)
+        self._attempts = itertools.count()
+        self._urls = amqp.urls
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
 
         self.state = State.CLOSED
@@ -76,21 +147,26 @@ class Publisher:
         self._channel = None
         self._steps = []          # the topology's declarations, and the one under way
         self._step = 0
+        self._write = None        # pika's private batch write, if this pika has it
         self._ever_opened = False
         self._wakeup_pending = False
         self._draining_until: float | None = None
         # An HA standby connects and declares but publishes nothing (`pause`, `resume`).
         self._paused = paused
-        # Publishing position. Every event up to `_confirmed` is confirmed (the spool
-        # forgets them a flush later); `_cursor` is the next sequence to publish;
-        # `_published_max` the highest ever published, so anything at or below it is a
-        # republish. After a restart everything recovered from the spool counts as one.
+        self._closing_since = 0.0
+        self._heard = (0, 0.0)    # (bytes received from the broker, when that changed)
+
         self._confirmed = spool.confirmed
         self._confirm_flush_pending = False
         self._cursor = spool.confirmed + 1
         self._published_max = spool.last_seq if spool.recovered else spool.confirmed
         self._next_tag = 1
-        self._unconfirmed: dict[int, int] = {}        # delivery tag -> sequence, in order
+        self._unconfirmed: dict[int, tuple[int, float]] = {}
+        self._set_aside = dead_letters.seqs_after(spool.confirmed)
+        self._window = inflight
+        self._nack_wait = False   # waiting out the backoff after a nack
+        self._nacked_upto = 0     # the nack backoff resets once this is confirmed
+        self._refusals: dict[int, int] = {}   # sequence -> refusals of it alone
 
     # --- control, from any thread ----------------------------------------------------
 
@@ -117,12 +193,12 @@ class Publisher:
         published, so the position is taken from the spool again; and every event held
         now may have been published by the old leader, so each is flagged
         `x-republished`."""
-        self._ioloop.add_callback_threadsafe(self._resume)
+        self._ioloop.add_callback_threadsafe(self._take_over)
 
     def drain_and_stop(self, timeout: float) -> None:
         """Publish and confirm what the spool holds, for at most `timeout`; then stop."""
         self._ioloop.add_callback_threadsafe(lambda: self._begin_drain(timeout))
-        self._thread.join(timeout + 5)
+        self._thread.join(timeout + CLOSE_TIMEOUT)
 
     def stop_now(self) -> None:
         self._ioloop.add_callback_threadsafe(self._stop)
@@ -132,11 +208,23 @@ class Publisher:
     def connected(self) -> bool:
         return self.state is State.OPEN
 
+    # --- the state table -------------------------------------------------------------
+
+    def _fire(self, event: Input) -> State:
+        if event is Input.STOP:
+            self.state = State.STOPPED
+            return self.state
+        following = TRANSITIONS.get((self.state, event))
+        if following is None:
+            raise IllegalTransition(f"{event.value} in state {self.state.value}")
+        self.state = following
+        return following
+
     # --- the IOLoop thread -----------------------------------------------------------
 
     def _run(self) -> None:
         self._ioloop.add_callback_threadsafe(self._connect)
-        self._ioloop.add_callback_threadsafe(self._tick)
+        self._ioloop.call_later(WATCH_EVERY, self._watch)
         while True:
             try:
                 self._ioloop.start()
@@ -149,15 +237,10 @@ class Publisher:
                 # that is one failed attempt like any other.
                 self._log.warning("broker.connect_failed", reason=f"{type(exc).__name__}: {exc}")
                 self._connection = None
-                self._closed_then_retry()
+                self._fire(Input.CLOSED)
+                self._retry_later()
             except Exception as exc:  # noqa: BLE001 - a bug must stop the bridge, not hang it
                 return self._crashed(exc)
-
-    def _tick(self) -> None:
-        """Beat from inside the IOLoop: proves the loop runs callbacks, not only that the
-        thread exists."""
-        self._beat()
-        self._ioloop.call_later(BEAT_EVERY, self._tick)
 
     def _crashed(self, exc: Exception) -> None:
         self._log.exception("publisher.crashed")
@@ -166,11 +249,18 @@ class Publisher:
     def _connect(self) -> None:
         if self.state is State.STOPPED:
             return
-        url = next(self._urls)
-        params = self._amqp.parameters(url, self._topology.exchange)
+        # Fresh each time: a rotated AMQP_PASSWORD_FILE is picked up at the next attempt.
+        # Unreadable for a moment (mid-rotation): the last password read is used.
+        try:
+            self._urls, secrets = self._amqp.current_urls()
+            logging_.add_secrets(secrets)
+        except ConfigError as exc:
+            self._log.warning("broker.password_file_unreadable", reason=str(exc))
+        index = next(self._attempts) % len(self._urls)
+        params = self._amqp.parameters(self._urls[index], self._topology.exchange)
         params.connection_attempts = 1
-        self.state = State.CONNECTING
-        self._log.info("broker.connecting", url=self._redacted(url))
+        self._fire(Input.CONNECT)
+        self._log.info("broker.connecting", url=self._amqp.redacted_urls[index])
         self._connection = pika.SelectConnection(
             params, on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
@@ -183,7 +273,8 @@ class Publisher:
             return connection.close()
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
-        self.state = State.DECLARING
+        self._fire(Input.OPENED)
+        self._heard = (connection.bytes_received, time.monotonic())
         self._steps = self._topology.steps()
         connection.channel(on_open_callback=self._on_channel_open)
 
@@ -192,7 +283,7 @@ class Publisher:
             return
         if self.state is State.STOPPED:
             return self._ioloop.stop()
-        self.state = State.CLOSED
+        self._fire(Input.CLOSED)
         reason = _describe(error)
         if _is_tls_failure(error) and not self._ever_opened:
             hint = ("check AMQP_CA_FILE" if self._amqp.ca_file
@@ -200,10 +291,15 @@ class Publisher:
             return self._fatal(TLSVerificationError(
                 f"TLS with the broker failed ({reason}); {hint}, and AMQP_CERT_FILE if the "
                 f"broker requires a client certificate"))
-        if _is_refusal(error) and not self._ever_opened:
-            return self._fatal(BrokerRefused(f"the broker refused the connection: {reason}"))
-        self._log.warning("broker.connect_failed", reason=reason)
-        self._closed_then_retry()
+        if _is_refusal(error):
+            if not self._ever_opened:
+                return self._fatal(BrokerRefused(f"the broker refused the connection: {reason}"))
+            self._log.error("broker.refused", reason=reason,
+                            detail="retrying with backoff; the stream is still read into "
+                                   "the spool (check AMQP_PASSWORD_FILE and the user)")
+        else:
+            self._log.warning("broker.connect_failed", reason=reason)
+        self._retry_later()
 
     def _on_connection_closed(self, connection, reason: Exception) -> None:
         if connection is not self._connection:
@@ -215,10 +311,13 @@ class Publisher:
         if self.state is not State.CLOSING:
             self._log.warning("broker.lost", reason=_describe(reason))
             self._metrics.broker_losses.inc()
-        self._closed_then_retry()
+            if self.state is State.OPEN:
+                self._maybe_refused_alone(getattr(reason, "reply_code", 0), _describe(reason))
+        self._fire(Input.CLOSED)
+        self._retry_later()
 
-    def _closed_then_retry(self) -> None:
-        self.state = State.CLOSED
+    def _retry_later(self) -> None:
+        """The connection is gone (CLOSED): forget its channel's tags, then back off."""
         self.blocked = False
         self._metrics.broker_connected.set(0)
         self._forget_unconfirmed()
@@ -253,38 +352,53 @@ class Publisher:
         self._connection.channel(on_open_callback=reopened)
 
     def _on_ready(self) -> None:
-        self.state = State.OPEN
+        if self.state is not State.DECLARING:
+            return
+        self._fire(Input.READY)
         self._ever_opened = True
-        self._backoff.reset()
+        # Checked once per connection: pika's private batch write is fast, and if a
+        # pika release no longer has it, publishing falls back to `basic_publish`.
+        write = getattr(self._connection, "_output_marshaled_frames", None)
+        self._write = write if callable(write) else None
         self._next_tag = 1
         self._cursor = self._confirmed + 1
         self._metrics.broker_connected.set(1)
         self._metrics.broker_connects.inc()
         self._log.info("broker.ready", exchange=self._topology.exchange,
-                       republishing=max(0, self._published_max - self._confirmed))
+                       republishing=max(0, self._published_max - self._confirmed),
+                       window=self._window)
         self._pump()
 
     def _on_channel_closed(self, _channel, reason: Exception) -> None:
         self._channel = None
         code = getattr(reason, "reply_code", 0)
         text = getattr(reason, "reply_text", str(reason))
-        if (self.state is State.DECLARING and self._steps[self._step].keep_existing
-                and is_other_type(code, text)):
-            return self._keep_existing_queue(text)
-        if self.state is State.DECLARING and is_stream(self._steps[self._step]):
-            return self._fatal(BrokerRefused(
-                f"the broker refused the history stream {self._steps[self._step].name!r} "
-                f"({text}): BRIDGE_HISTORY needs RabbitMQ 3.9 or later with the "
-                f"stream_queue feature flag enabled, and an existing stream of that name "
-                f"must have the same retention"))
-        if code in (403, 406) and self.state is State.DECLARING:
-            return self._fatal(BrokerRefused(
-                f"the broker refused the topology ({text}); an exchange or queue of that "
-                f"name exists with another type or arguments"))
+        if self.state is State.DECLARING:
+            step = self._steps[self._step]
+            if step.keep_existing and is_other_type(code, text):
+                return self._keep_existing_queue(text)
+            if is_stream(step) and not self._ever_opened:
+                return self._fatal(BrokerRefused(
+                    f"the broker refused the history stream {step.name!r} ({text}): "
+                    f"BRIDGE_HISTORY needs RabbitMQ 3.9 or later with the stream_queue "
+                    f"feature flag enabled, and an existing stream of that name must have "
+                    f"the same retention"))
+            if code in (403, 406):
+                what = step.describe()
+                if not self._ever_opened:
+                    return self._fatal(BrokerRefused(
+                        f"the broker refused to {what}: {text}; an exchange or queue of "
+                        f"that name exists with another type or arguments"))
+                self._log.error("broker.refused", reason=f"{code} {text}", step=what,
+                                detail="retrying with backoff; the stream is still read "
+                                       "into the spool")
+                return self._close_connection()
         if self.state in (State.CLOSING, State.STOPPED):
             return
         self._log.warning("broker.channel_lost", reason=_describe(reason))
         self._metrics.broker_losses.inc()
+        if self.state is State.OPEN:
+            self._maybe_refused_alone(code, text)
         self._close_connection()
 
     def _on_blocked(self, _connection, _frame) -> None:
@@ -297,90 +411,188 @@ class Publisher:
         self.blocked = False
         self._metrics.broker_blocked.set(0)
         self._log.info("broker.unblocked")
+        # The confirms held back by the alarm are due from now, not from their publish.
+        now = time.monotonic()
+        self._unconfirmed = {t: (seq, now) for t, (seq, _) in self._unconfirmed.items()}
         self._pump()
+
+    # --- liveness --------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Once a second: beat (from inside the IOLoop: proves the loop runs callbacks,
+        not only that the thread exists), and drop a link that went silent or a close
+        that never ends."""
+        self._beat()
+        self._ioloop.call_later(WATCH_EVERY, self._watch)
+        connection, now = self._connection, time.monotonic()
+        if connection is None or self.state not in (State.DECLARING, State.OPEN, State.CLOSING):
+            return
+        received, since = self._heard
+        if connection.bytes_received != received:
+            self._heard = (connection.bytes_received, now)
+        elif now - since > self._amqp.heartbeat:
+            return self._abort(f"no byte from the broker for {now - since:.0f} s "
+                               f"(heartbeat {self._amqp.heartbeat} s)")
+        if self.state is State.CLOSING and now - self._closing_since > CLOSE_TIMEOUT:
+            return self._abort(f"the close handshake took over {CLOSE_TIMEOUT:.0f} s")
+        if self.state is State.OPEN and self._unconfirmed and not self.blocked:
+            _seq, sent = next(iter(self._unconfirmed.values()))
+            if now - sent > self._confirm_timeout:
+                self._abort(f"no confirm for {now - sent:.0f} s (BRIDGE_CONFIRM_TIMEOUT "
+                            f"{self._confirm_timeout:g} s)")
+
+    def _abort(self, reason: str) -> None:
+        """End the connection without a handshake: the link cannot carry one."""
+        self._log.warning("broker.silent", reason=reason, detail="dropping the connection; "
+                          "trying the next broker URL")
+        if self.state is not State.CLOSING:
+            self._fire(Input.CLOSE)
+        terminate = getattr(self._connection, "_terminate_stream", None)
+        if callable(terminate):
+            terminate(pe.StreamLostError(reason))
+        else:   # a pika without it: forget the connection, its callbacks are ignored
+            self._connection = None
+            self._fire(Input.CLOSED)
+            self._retry_later()
 
     # --- publishing ------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Publish from the spool until the in-flight window is full or the spool empty.
+        """Publish from the spool until the window is full or the spool empty.
 
         Each batch is encoded by `encode_publish` and handed to the connection as one
         write: pika would marshal every frame through several layers and write the
         three frames of each publish separately, each write letting the stream thread in.
         """
         self._wakeup_pending = False
-        if (self.state is not State.OPEN or self.blocked or self._paused
+        if (self.state is not State.OPEN or self.blocked or self._nack_wait or self._paused
                 or self._channel is None or not self._channel.is_open):
             return
-        exchange, quarantine = self._topology.exchange, self._topology.quarantine
-        spool, connection = self._spool, self._connection
-        channel_number, frame_max = self._channel.channel_number, connection.params.frame_max
         published = republished = 0
         while not self._paused:
-            room = self._inflight - len(self._unconfirmed)
+            room = self._window - len(self._unconfirmed)
             if room <= 0:
                 break
-            batch = spool.read(self._cursor, min(room, READ_BATCH))
+            batch = self._spool.read(self._cursor, min(room, READ_BATCH))
             if not batch:
                 break
-            wire = []
+            wire, sent = [], []
+            now = time.monotonic()
             for seq, ev in batch:
-                headers = ev.headers
-                if seq <= self._published_max:
-                    headers = {**headers, "x-republished": True}
-                    republished += 1
-                wire.append(encode_publish(
-                    channel_number, "" if ev.quarantined else exchange,
-                    quarantine if ev.quarantined else ev.routing_key, ev.body,
-                    message_id=ev.headers.get(IDENTITY_HEADER) or spool.message_id(seq),
-                    timestamp=int(ev.received_at),
-                    headers=headers, frame_max=frame_max))
-                self._unconfirmed[self._next_tag] = seq
+                self._cursor = seq + 1
+                if seq in self._set_aside:
+                    continue
+                republish = seq <= self._published_max
+                try:
+                    frames = self._encode(seq, ev, republish)
+                except (ValueError, TypeError, pe.ShortStringTooLong) as exc:
+                    self._set_aside_event(seq, ev, f"cannot be encoded: {exc}")
+                    continue
+                wire.append(frames)
+                sent.append((seq, ev))
+                self._unconfirmed[self._next_tag] = (seq, now)
                 self._next_tag += 1
-            connection._output_marshaled_frames([b"".join(wire)])
-            self._metrics.confirm_timer.published(batch)
-            self._cursor = batch[-1][0] + 1
+                published += 1
+                republished += republish
             self._published_max = max(self._published_max, self._cursor - 1)
-            published += len(batch)
+            self._send(wire)
+            if sent:
+                self._metrics.confirm_timer.published(sent)
         if published:
             self._metrics.published.inc(published - republished)
             self._metrics.republished.inc(republished)
             self._metrics.inflight.set(len(self._unconfirmed))
-        self._maybe_finish_drain()
+        self._advance_confirmed()
+
+    def _encode(self, seq: int, ev, republish: bool):
+        headers = {**ev.headers, "x-republished": True} if republish else ev.headers
+        exchange = "" if ev.quarantined else self._topology.exchange
+        routing_key = self._topology.quarantine if ev.quarantined else ev.routing_key
+        message_id = self._message_id(seq, ev)
+        if self._write is None:
+            return (exchange, routing_key, ev.body, pika.BasicProperties(
+                content_type=CONTENT_TYPE, delivery_mode=2, message_id=message_id,
+                timestamp=int(ev.received_at), app_id=APP_ID, headers=headers))
+        return encode_publish(self._channel.channel_number, exchange, routing_key, ev.body,
+                              message_id=message_id, timestamp=int(ev.received_at),
+                              headers=headers, frame_max=self._connection.params.frame_max)
+
+    def _message_id(self, seq: int, ev) -> str:
+        """HA replicas share an event's identity, kept in a header; else the spool's."""
+        return ev.headers.get(IDENTITY_HEADER) or self._spool.message_id(seq)
+
+    def _send(self, wire: list) -> None:
+        if not wire:
+            return
+        if self._write is not None:
+            self._write([b"".join(wire)])
+            return
+        for exchange, routing_key, body, properties in wire:
+            self._channel.basic_publish(exchange, routing_key, body, properties)
 
     def _on_confirm(self, frame) -> None:
         if self.state is not State.OPEN:
-            # After a nack the channel is being closed, and its later confirms must not
-            # count: an ack with `multiple` covers the nacked tag too, and would let an
-            # event the broker refused leave the spool. Ignoring an ack costs one
-            # duplicate at most.
-            return
+            return      # the channel is going; its confirms are superseded by republishes
         method = frame.method
         tag, multiple = method.delivery_tag, method.multiple
+        tags = (list(itertools.takewhile(lambda t: t <= tag, self._unconfirmed)) if multiple
+                else [tag] if tag in self._unconfirmed else [])
+        if not tags:
+            return      # copies already superseded by a republish
         if isinstance(method, pika.spec.Basic.Nack):
-            self._metrics.nacks.inc()
-            self._log.warning("broker.nack", delivery_tag=tag,
-                              detail="republishing from the first unconfirmed event")
-            return self._close_connection()
-        if multiple:
-            done = list(itertools.takewhile(lambda t: t <= tag, self._unconfirmed))
-        else:
-            done = [tag] if tag in self._unconfirmed else []
-        for t in done:
+            return self._on_nack(tags)
+        for t in tags:
             del self._unconfirmed[t]
-        if self._unconfirmed:
-            upto = self._unconfirmed[next(iter(self._unconfirmed))] - 1
-        else:
-            upto = self._cursor - 1
-        if upto > self._confirmed:
-            self._metrics.confirmed.inc(upto - self._confirmed)
-            self._metrics.confirm_timer.confirmed(upto)
-            self._confirmed = upto
-            if not self._confirm_flush_pending:
-                self._confirm_flush_pending = True
-                self._ioloop.call_later(CONFIRM_FLUSH_DELAY, self._flush_confirms)
+        self._backoff.reset()           # the broker takes work again
+        if self._window < self._inflight:
+            self._window = min(self._inflight, self._window * 2)
+        self._advance_confirmed()
         self._metrics.inflight.set(len(self._unconfirmed))
         self._pump()
+
+    def _on_nack(self, tags: list[int]) -> None:
+        """Republish from the first nacked event on, after a backoff, one at first."""
+        first = min(self._unconfirmed[t][0] for t in tags)
+        self._metrics.nacks.inc(len(tags))
+        delay = self._nack_backoff.next()
+        ev = self._spool.read(first, 1)
+        self._log.warning(
+            "broker.nack", message_id=self._message_id(first, ev[0][1]) if ev else None,
+            routing_key=ev[0][1].routing_key if ev else None, nacked=len(tags),
+            retry_in=round(delay, 2),
+            detail="a queue refused it (x-overflow reject-publish, or a quorum queue's "
+                   "limit; the broker does not say which); republishing from it in order")
+        self._unconfirmed = {t: v for t, v in self._unconfirmed.items() if v[0] < first}
+        self._nacked_upto = max(self._nacked_upto, self._published_max)
+        self._cursor = first
+        self._window = 1
+        self._metrics.confirm_timer.forget()     # timed again from the republish
+        self._metrics.inflight.set(len(self._unconfirmed))
+        if not self._nack_wait:
+            self._nack_wait = True
+            self._ioloop.call_later(delay, self._end_nack_wait)
+
+    def _end_nack_wait(self) -> None:
+        self._nack_wait = False
+        self._pump()
+
+    def _advance_confirmed(self) -> None:
+        if self._unconfirmed:
+            upto = next(iter(self._unconfirmed.values()))[0] - 1
+        else:
+            upto = self._cursor - 1
+        if upto <= self._confirmed:
+            return
+        self._metrics.confirmed.inc(upto - self._confirmed)
+        self._metrics.confirm_timer.confirmed(upto)
+        self._confirmed = upto
+        self._set_aside = {s for s in self._set_aside if s > upto}
+        if self._nacked_upto and upto >= self._nacked_upto:
+            self._nack_backoff.reset()
+            self._nacked_upto = 0
+        if not self._confirm_flush_pending:
+            self._confirm_flush_pending = True
+            self._ioloop.call_later(CONFIRM_FLUSH_DELAY, self._flush_confirms)
 
     def _flush_confirms(self) -> None:
         """Forget confirmed events on disk; one transaction for many confirms."""
@@ -395,6 +607,40 @@ class Publisher:
         self._cursor = self._confirmed + 1
         self._metrics.inflight.set(0)
 
+    # --- events the broker will not take ---------------------------------------------
+
+    def _maybe_refused_alone(self, code: int, text: str) -> None:
+        """The broker ended the channel or connection while we published. If one event
+        was in flight, it is the cause; after MAX_REFUSALS it is set aside. If several
+        were, the next connection publishes one at a time to find out."""
+        if code not in MESSAGE_REFUSALS or not self._unconfirmed:
+            return
+        if len(self._unconfirmed) > 1:
+            self._window = 1
+            return
+        seq = next(iter(self._unconfirmed.values()))[0]
+        self._refusals[seq] = self._refusals.get(seq, 0) + 1
+        if self._refusals[seq] >= MAX_REFUSALS:
+            del self._refusals[seq]
+            ev = self._spool.read(seq, 1)[0][1]
+            self._set_aside_event(seq, ev, f"refused by the broker {MAX_REFUSALS} times: "
+                                           f"{code} {text}")
+
+    def _set_aside_event(self, seq: int, ev, reason: str) -> None:
+        message_id = self._message_id(seq, ev)
+        try:
+            self._dead_letters.add(seq, message_id, ev, reason)
+        except sqlite3.Error as exc:
+            # Not set aside, so not skipped: it is retried, and nothing is lost.
+            self._log.error("broker.set_aside_failed", message_id=message_id,
+                            reason=f"{type(exc).__name__}: {exc}")
+            return
+        self._set_aside.add(seq)
+        self._metrics.set_aside.inc()
+        self._log.error("broker.set_aside", message_id=message_id, seq=seq,
+                        routing_key=ev.routing_key, size=len(ev.body), reason=reason,
+                        dead_letters=str(self._dead_letters.path))
+
     # --- stopping --------------------------------------------------------------------
 
     def _begin_drain(self, timeout: float) -> None:
@@ -402,7 +648,7 @@ class Publisher:
         self._ioloop.call_later(timeout, self._stop)
         self._maybe_finish_drain()
 
-    def _resume(self) -> None:
+    def _take_over(self) -> None:
         if not self._unconfirmed:
             self._confirmed = max(self._confirmed, self._spool.confirmed)
             self._cursor = self._confirmed + 1
@@ -419,29 +665,29 @@ class Publisher:
     def _stop(self) -> None:
         if self.state is State.STOPPED:
             return
-        previous, self.state = self.state, State.STOPPED
+        previous = self.state
+        self._fire(Input.STOP)
         self._spool.confirm(self._confirmed)
         if previous is State.CONNECTING:
             return  # pika cannot abort a handshake; its open or open-error callback will
         if self._connection is not None and previous is not State.CLOSED \
                 and not self._connection.is_closed and not self._connection.is_closing:
             self._connection.close()   # _on_connection_closed stops the loop
+            self._ioloop.call_later(CLOSE_TIMEOUT, self._ioloop.stop)
         else:
             self._ioloop.stop()
 
     def _close_connection(self) -> None:
         if self._connection is not None and not (self._connection.is_closing
                                                  or self._connection.is_closed):
-            self.state = State.CLOSING
+            self._fire(Input.CLOSE)
+            self._closing_since = time.monotonic()
             self._connection.close()
 
     def _fatal(self, error: Exception) -> None:
         self._log.error("broker.fatal", reason=str(error))
         self._stop()
         self._on_fatal(error)
-
-    def _redacted(self, url: str) -> str:
-        return self._amqp.redacted_urls[list(self._amqp.urls).index(url)]
 
 
 def _causes(error: BaseException):

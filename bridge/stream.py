@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import websocket
 
 from bridge import frames
+from bridge import log as logging_
 from bridge.backoff import Backoff
 from bridge.config import StreamConfig
 from bridge.errors import TLSVerificationError, UpstreamUnauthorized
@@ -157,10 +158,12 @@ class StreamReader:
 
     def _connect(self) -> None:
         self._log.info("stream.connecting")
+        url, secrets = self._config.current_url()     # a rotated TUTUM_APIKEY_FILE
+        logging_.add_secrets(secrets)
         try:
             sock = self._open_socket()
             self._ws = websocket.create_connection(
-                self._config.url, timeout=CONNECT_TIMEOUT, header=list(self._config.headers),
+                url, timeout=CONNECT_TIMEOUT, header=list(self._config.headers),
                 socket=sock, skip_utf8_validation=True, enable_multithread=True)
         except ssl.SSLCertVerificationError as exc:
             hint = ("check that TUTUM_CA_FILE signed the server's certificate and that it "

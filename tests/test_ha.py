@@ -56,6 +56,12 @@ def test_two_replicas_exactly_once_then_leader_sigkilled(rig):
     assert took < 10, ledger.summary()
     assert_guarantee(ledger)
     assert same_identity(rig.collector.messages)
+    # Only around the takeover: nothing delivered before the kill comes again.
+    seen, twice = set(), set()
+    for msg in rig.collector.messages:
+        if msg.seq is not None:
+            (twice if msg.seq in seen else seen).add(msg.seq)
+    assert not twice or min(twice) > steady, sorted(twice)
     assert rig.metric(standby, "tutum_bridge_leader") == 1
 
 

@@ -11,6 +11,7 @@ from bridge.testing.node import RabbitNode
 from bridge.testing.process import BridgeProcess
 from bridge.testing.stream import ScriptedStream
 from tests.support import broker, procs
+from tests.support.wait import wait_for
 
 EVENTS, LIVE = 1000, 20
 
@@ -87,4 +88,40 @@ def test_a_broker_without_streams_stops_the_bridge_with_one_line(tmp_path, simul
         assert "history stream" in fatal[0] and "RabbitMQ 3.9" in fatal[0], fatal[0]
         assert lines, "the bridge logged before it stopped"
     finally:
+        node.discard()
+
+
+def test_a_replaying_worker_that_loses_the_broker_resumes_after_the_last_offset(tmp_path):
+    """No de-duplication here: only the resumed offset can keep events from coming twice."""
+    node = RabbitNode(prefix="tbresume").start()
+    stream = ScriptedStream(seed=8)
+    bridge = BridgeProcess(node.url, stream, tmp_path, env={"BRIDGE_HISTORY": "1h"})
+    seen, stop = [], threading.Event()
+
+    def handler(message):
+        event = message.json()
+        if event["type"] not in ("bridge", "user-notifications"):
+            seen.append(event)
+        if len(seen) == 150 and not cut.is_set():
+            cut.set()
+            node.ctl("close_all_connections", "a test cuts the worker off")
+
+    cut = threading.Event()
+    worker = threading.Thread(target=consume, args=(["#"], handler), daemon=True, kwargs=dict(
+        amqp_url=node.url, exchange=bridge.exchange, since="first", dedupe=0, prefetch=50,
+        stop=stop))
+    try:
+        published = stream.generate(300)
+        bridge.wait_confirmed(300)
+        worker.start()
+        wait_for(lambda: len(seen) >= 300, 60, what="the replay, across the cut")
+        live = stream.generate(20)
+        wait_for(lambda: len(seen) >= 320, 60, what="the live events")
+        assert cut.is_set()
+        assert seen == published + live
+    finally:
+        stop.set()
+        worker.join(20)
+        bridge.stop()
+        stream.close()
         node.discard()

@@ -1,20 +1,26 @@
 """The testing kit (docs/contract.md section 10) as a worker author uses it: a sample
 worker project outside the repository whose test uses `amqp_url`, `tutum_stream` and
-`tutum_bridge`, run with pytest there, once per way the kit gets a broker."""
+`tutum_bridge`, run with pytest there, once per way the kit gets a broker: a
+container through testcontainers, a local node, and a URL (with the management API)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from bridge.testing import node
+from bridge.testing.node import free_port
 from tests.support.podman import podman_or_skip, rabbitmq_image
+from tests.support.wait import wait_for
 
 SAMPLE = Path(__file__).resolve().parent / "kit_sample" / "inventory_sample.py"
 
@@ -77,3 +83,35 @@ def test_a_worker_project_passes_with_a_container_broker(tmp_path):
     finally:
         service.terminate()
         service.wait(30)
+
+
+def test_a_worker_project_passes_with_a_broker_given_by_url_each_test_in_its_own_vhost(
+        tmp_path):
+    podman = podman_or_skip()
+    image = rabbitmq_image(podman)
+    amqp, management = free_port(), free_port()
+    with podman.container(image, options=("-p", f"127.0.0.1:{amqp}:5672",
+                                          "-p", f"127.0.0.1:{management}:15672")):
+        api = f"http://127.0.0.1:{management}"
+        wait_for(lambda: answers(api + "/api/overview"), 90, interval=0.5,
+                 what="the container's management API")
+        run_sample_project(tmp_path, TUTUM_TEST_MANAGEMENT_URL=api,
+                           TUTUM_TEST_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{amqp}/%2F")
+        assert [v["name"] for v in get_json(api + "/api/vhosts")] == ["/"], \
+            "the test's vhost was deleted"
+        assert get_json(api + "/api/queues") == [], "the worker's queue was in that vhost"
+
+
+def get_json(url: str):
+    request = urllib.request.Request(url, headers={"Authorization": "Basic " + base64.b64encode(
+        b"guest:guest").decode()})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def answers(url: str) -> bool:
+    try:
+        get_json(url)
+        return True
+    except (OSError, ValueError):
+        return False

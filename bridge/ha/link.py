@@ -28,6 +28,7 @@ import itertools
 import json
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import pika
@@ -39,6 +40,7 @@ LOCK_RETRY = 0.5         # seconds between a standby's attempts to take the lock
 PROBE_EVERY = 0.5        # seconds between the leader's checks that it holds the lock
 TICK = 0.2               # seconds between the node's housekeeping calls
 QUEUE_MAX = 10_000       # messages a replica's talk queue holds (oldest dropped first)
+BACKLOG_MAX = 1000       # reports kept while the link is down, sent once it is back
 
 
 class LinkState(enum.Enum):
@@ -82,6 +84,9 @@ class HaLink:
         self._channel = None
         self._lock_channel = None
         self._last_probe_ok = 0.0
+        # Reports of confirms that came while the link was down: a standby that never
+        # hears them would hold those events, and offer them, forever.
+        self._backlog: deque[tuple[str, dict]] = deque(maxlen=BACKLOG_MAX)
 
     # --- control, from any thread -------------------------------------------------------
 
@@ -92,8 +97,9 @@ class HaLink:
         self._ioloop.add_callback_threadsafe(self._stop)
         self._thread.join(timeout)
 
-    def send(self, kind: str, body: dict) -> None:
-        self._ioloop.add_callback_threadsafe(lambda: self._publish(kind, body))
+    def send(self, kind: str, body: dict, keep: bool = False) -> None:
+        """Publish to the other replicas; `keep`: if the link is down, once it is back."""
+        self._ioloop.add_callback_threadsafe(lambda: self._publish(kind, body, keep))
 
     # --- the IOLoop thread ------------------------------------------------------------
 
@@ -175,6 +181,8 @@ class HaLink:
             channel.basic_consume(queue, self._on_message, auto_ack=True)
             self._backoff.reset()
             self._set(LinkState.STANDBY)
+            while self._backlog:
+                self._publish(*self._backlog.popleft(), keep=False)
             self._try_lock()
 
         channel.exchange_declare(names.exchange, "fanout", durable=False, callback=declared)
@@ -248,10 +256,12 @@ class HaLink:
 
     # --- talk -------------------------------------------------------------------------
 
-    def _publish(self, kind: str, body: dict) -> None:
+    def _publish(self, kind: str, body: dict, keep: bool) -> None:
         channel = self._channel
         if channel is None or not channel.is_open or self.state not in (LinkState.STANDBY,
                                                                          LinkState.LEADER):
+            if keep:
+                self._backlog.append((kind, body))
             return
         channel.basic_publish(self._names.exchange, "", json.dumps(body).encode(),
                               pika.BasicProperties(type=kind, app_id=self._replica))

@@ -139,7 +139,7 @@ class HaNode:
 
     def _report(self, identities: list[str]) -> None:
         """The broker confirmed these (publisher thread): tell the standbys."""
-        self.link.send("confirmed", {"ids": identities})
+        self.link.send("confirmed", {"ids": identities}, keep=True)
 
     def _offer(self, seqs: list[int]) -> None:
         wanted, events = set(seqs), []
@@ -155,17 +155,24 @@ class HaNode:
             self.link.send("offer", {"events": events})
 
     def _accept(self, offered: list[dict], sender: str) -> None:
-        """Spool the offered events this leader never received, once each."""
-        fresh = []
+        """Spool the offered events this leader never received, once each; say again
+        which of them it has already published (the standby missed that report)."""
+        fresh, published = [], []
         for item in offered:
             ident = item.get("headers", {}).get(identity.HEADER)
-            if not ident or ident in self._accepted or self._identities.has(ident):
+            if not ident:
+                continue
+            if ident in self._accepted or self._identities.has(ident):
+                if not self.witness.holds(ident):
+                    published.append(ident)
                 continue
             self._accepted[ident] = None
             fresh.append(Event(item["routing_key"], base64.b64decode(item["body"]),
                                item["received_at"], item["headers"], item["quarantined"]))
         while len(self._accepted) > ACCEPTED_MAX:
             self._accepted.popitem(last=False)
+        if published:
+            self.link.send("confirmed", {"ids": published}, keep=True)
         if fresh:
             self.spool.append(fresh)
             self._publisher.notify()

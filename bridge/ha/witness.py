@@ -16,7 +16,8 @@ could not match is published, so an event the old leader published after its las
 report arrives twice, with the same identity (`x-event-id`, the `message_id`).
 
 The replica's own lifecycle events (`bridge.connected` ...) carry no identity: a
-standby's are forgotten with the prefix; the leader publishes its own.
+standby's are forgotten with the leader's events around them; those after the last
+event the leader published are published if this replica takes over.
 
 Thread-safety: one lock; `appended` runs on the stream thread (or the HA thread for
 accepted offers), `forget_upto` on the publisher's, the rest on the HA thread.
@@ -140,14 +141,20 @@ class Witness:
             self._spool.confirm(upto)
             self.forget_upto(upto)
         with self._lock:
-            unmatched = sum(1 for seq, _ in self._entries if seq not in self._matched)
-            maybe_twice = len(self._entries) - unmatched
+            events = [seq for seq, ident in self._entries if ident is not None]
+            unmatched = sum(1 for seq in events if seq not in self._matched)
+            maybe_twice = len(events) - unmatched
             self._matched.clear()
             self._early.clear()
             self._hole_since.clear()
             self._offered.clear()
             self._high = 0
         return unmatched, maybe_twice
+
+    def holds(self, ident: str) -> bool:
+        """The event of that identity is spooled here and not yet confirmed."""
+        with self._lock:
+            return ident in self._by_id
 
     @property
     def pending(self) -> int:
@@ -161,12 +168,16 @@ class Witness:
         self._high = max(self._high, seq)
 
     def _matched_prefix(self) -> int:
+        """The last seq of the front run of matched events that ends with one the
+        leader published: our own lifecycle events go with the leader's events around
+        them, but those after its last one stay, for us to publish if we lead."""
         upto = 0
         with self._lock:
-            for seq, _ in self._entries:
+            for seq, ident in self._entries:
                 if seq not in self._matched:
                     break
-                upto = seq
+                if ident is not None:
+                    upto = seq
         return upto
 
 

@@ -1,20 +1,25 @@
 """`amqp_url`: a RabbitMQ for a worker's tests, from wherever one can be had (docs/contract.md section 10).
 
-In order: `TUTUM_TEST_AMQP_URL`; else a throwaway broker in a container through
+In order: `TUTUM_TEST_AMQP_URL` (with `TUTUM_TEST_MANAGEMENT_URL`, its management API, for
+vhosts); else a throwaway broker in a container through
 testcontainers (Docker, or podman's Docker-compatible socket via `DOCKER_HOST`; the
 image is `TUTUM_TEST_RABBITMQ_IMAGE`, default `rabbitmq:3-management`); else a
 throwaway local node of the `rabbitmq-server` package on free ports; else the test is
 skipped with one line saying what is missing. A broker the kit started lives for the
-test session. On it every test gets its own vhost, deleted afterwards; on a broker
-given by URL the kit cannot create vhosts, so a test gets its own exchange and queue
-names there (the `tutum_bridge` fixture's) and the URL's vhost.
+test session. On it every test gets its own vhost, deleted afterwards; so does a
+broker given by URL with its management API; without one the kit cannot create
+vhosts, so a test gets its own exchange and queue names there (the `tutum_bridge`
+fixture's) in the URL's vhost.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import uuid
-from urllib.parse import quote, urlsplit, urlunsplit
+import urllib.request
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from bridge.testing import node
 
@@ -26,29 +31,67 @@ class Unavailable(Exception):
 
 
 class Broker:
-    """A broker and how to make and remove a vhost on it (None: it cannot)."""
+    """A broker, and `admin(*rabbitmqctl_args)` to make and remove vhosts (None: cannot)."""
 
-    def __init__(self, url: str, ctl=None, close=lambda: None, where: str = "") -> None:
-        self.url, self._ctl, self.close, self.where = url, ctl, close, where
+    def __init__(self, url: str, admin=None, close=lambda: None, where: str = "") -> None:
+        self.url, self._admin, self.close, self.where = url, admin, close, where
 
     def vhost_url(self) -> tuple[str, str | None]:
         """(URL for one test, the vhost made for it or None)."""
-        if self._ctl is None:
+        if self._admin is None:
             return self.url, None
-        vhost = f"test-{uuid.uuid4().hex[:10]}"
-        self._ctl("add_vhost", vhost)
-        self._ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         parts = urlsplit(self.url)
+        vhost = f"test-{uuid.uuid4().hex[:10]}"
+        self._admin("add_vhost", vhost)
+        self._admin("set_permissions", "-p", vhost, unquote(parts.username or "guest"),
+                    ".*", ".*", ".*")
         return urlunsplit(parts._replace(path="/" + quote(vhost, safe=""))), vhost
 
     def delete_vhost(self, vhost: str | None) -> None:
         if vhost is not None:
-            self._ctl("delete_vhost", vhost)
+            self._admin("delete_vhost", vhost)
+
+
+def _management(amqp_url: str, api: str):
+    """The three rabbitmqctl commands the kit needs, done through the management HTTP
+    API at `api` with the AMQP URL's credentials; None if that API does not answer."""
+    parts = urlsplit(amqp_url)
+    token = base64.b64encode(f"{unquote(parts.username or 'guest')}:"
+                             f"{unquote(parts.password or 'guest')}".encode()).decode()
+
+    def call(method: str, path: str, body: dict | None = None) -> None:
+        request = urllib.request.Request(
+            api.rstrip("/") + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    try:
+        call("GET", "/api/overview")
+    except (OSError, ValueError):
+        return None
+
+    def admin(command: str, *args: str) -> None:
+        if command == "add_vhost":
+            call("PUT", f"/api/vhosts/{quote(args[0], safe='')}")
+        elif command == "set_permissions":
+            vhost, user, configure, write, read = args[1:]
+            call("PUT", f"/api/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
+                 {"configure": configure, "write": write, "read": read})
+        else:
+            call("DELETE", f"/api/vhosts/{quote(args[0], safe='')}")
+    return admin
 
 
 def from_environment() -> Broker | None:
+    """`TUTUM_TEST_AMQP_URL`; with `TUTUM_TEST_MANAGEMENT_URL` (its management API,
+    e.g. http://localhost:15672) each test gets a vhost there, else its own names."""
     url = os.environ.get("TUTUM_TEST_AMQP_URL")
-    return Broker(url, where="TUTUM_TEST_AMQP_URL") if url else None
+    if not url:
+        return None
+    api = os.environ.get("TUTUM_TEST_MANAGEMENT_URL")
+    return Broker(url, _management(url, api) if api else None, where="TUTUM_TEST_AMQP_URL")
 
 
 def from_container() -> Broker | None:

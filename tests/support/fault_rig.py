@@ -28,14 +28,14 @@ from tests.support.wait import wait_for
 
 class Rig:
     def __init__(self, test: str, node: RabbitNode, topology: Topology, simulator, bridge,
-                 tmp_path: Path) -> None:
+                 tmp_path: Path, queue_arguments: dict | None = None) -> None:
         self.test = test
         self.node = node
         self.topology = topology
         self._start_simulator = simulator
         self._start_bridge = bridge
         self.tmp_path = tmp_path
-        self.queue = topology.bind("#", url=node.url)
+        self.queue = topology.bind("#", url=node.url, arguments=queue_arguments)
         self.collector = Collector(node.url, self.queue).start()
         self.proxies: list[TcpProxy] = []
         self.bridges: list[procs.Proc] = []

@@ -12,6 +12,8 @@ from tests.support.tcp_proxy import TcpProxy
 
 
 class HaRig(Rig):
+    """The fault rig with replicas (`replica`, `pair`)."""
+
     def replica(self, sim, name: str, *, stream: TcpProxy | None = None,
                 via: TcpProxy | None = None, **env: str):
         env.setdefault("BRIDGE_HA", "on")
@@ -21,10 +23,12 @@ class HaRig(Rig):
         return self.bridge(sim, via=via, name=name, **env)
 
     def pair(self, sim, *, leader_stream: TcpProxy | None = None,
-             leader_via: TcpProxy | None = None):
-        leader = self.replica(sim, "replica-a", stream=leader_stream, via=leader_via)
+             leader_via: TcpProxy | None = None, leader_env: dict | None = None,
+             standby_env: dict | None = None):
+        leader = self.replica(sim, "replica-a", stream=leader_stream, via=leader_via,
+                              **(leader_env or {}))
         leader.info["replica"] = self.wait_log(leader, "ha.leader", timeout=30)["replica"]
-        standby = self.replica(sim, "replica-b")
+        standby = self.replica(sim, "replica-b", **(standby_env or {}))
         standby.info["replica"] = self.wait_log(standby, "ha.standby", timeout=30)["replica"]
         return leader, standby
 

@@ -1,6 +1,9 @@
-"""The private RabbitMQ node (bridge/testing/node.py) as fixtures for the fault tests."""
+"""The private RabbitMQ node (bridge/testing/node.py) as fixtures for the fault tests,
+and a cluster of such nodes for the HA tests."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
@@ -34,3 +37,52 @@ def _heal(node: RabbitNode) -> None:
         node.start()
     if node.alarmed:
         node.memory_alarm(False)
+
+
+def join_cluster(node: RabbitNode, seed: RabbitNode) -> None:
+    """Make a new, running `node` a member of `seed`'s cluster (its data is reset)."""
+    node.ctl("stop_app")
+    node.ctl("reset")
+    node.ctl("join_cluster", seed.name)
+    node.ctl("start_app")
+    node.ctl("await_startup", timeout=90)
+
+
+class RabbitCluster:
+    """`size` private nodes on their own ports, joined into one cluster.
+
+    The nodes boot at once (each takes 5-10 s alone), then each but the first joins
+    the first; they share the Erlang cookie of the `rabbitmq` user.
+    """
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [RabbitNode("tbcluster") for _ in range(size)]
+
+    def start(self) -> "RabbitCluster":
+        errors: list[BaseException] = []
+
+        def boot(node: RabbitNode) -> None:
+            try:
+                node.start()
+            except BaseException as exc:  # noqa: BLE001 - raised below, on this thread
+                errors.append(exc)
+        threads = [threading.Thread(target=boot, args=(n,)) for n in self.nodes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            self.discard()
+            raise errors[0]
+        for node in self.nodes[1:]:
+            join_cluster(node, self.nodes[0])
+        return self
+
+    def urls(self, first: int = 0) -> str:
+        """An AMQP_URL list of every node, starting with node `first`."""
+        order = self.nodes[first:] + self.nodes[:first]
+        return ",".join(node.url for node in order)
+
+    def discard(self) -> None:
+        for node in self.nodes:
+            node.discard()

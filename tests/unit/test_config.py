@@ -288,3 +288,13 @@ def test_redact_url_hides_any_password(tail):
     assert "Zq9" not in redacted
     token_url = f"wss://h/v1/events?token={quote(password, safe='')}&user=alice"
     assert "Zq9" not in config.redact_url(token_url)
+
+
+# --- high availability -----------------------------------------------------------------
+
+def test_ha_is_off_by_default_and_on_takes_its_tunables(env):
+    assert load(env).ha is None
+    ha = load({**env, "BRIDGE_HA": "on", "BRIDGE_HA_HEARTBEAT": "4"}).ha
+    assert (ha.heartbeat, ha.fill_grace) == (4.0, 1.0)
+    assert "BRIDGE_HA" in config_error({**env, "BRIDGE_HA": "sometimes"})
+    assert "BRIDGE_HA_FILL_GRACE" in config_error({**env, "BRIDGE_HA_FILL_GRACE": "0"})

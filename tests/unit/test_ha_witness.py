@@ -124,3 +124,13 @@ def test_takeover_counts_what_may_arrive_twice():
     # 1 forgotten; 2 never published; 3 published, but after 2 so it goes again; 4 new.
     assert witness.take_over() == (2, 1)
     assert spool.confirmed == 1
+
+
+def test_our_own_lifecycle_events_go_with_the_leaders_but_a_new_leader_keeps_its_last():
+    _, spool, witness, wrapped, _ = rig()
+    wrapped.append([lifecycle(spool), event(1), lifecycle(spool)])
+    witness.leader_published([spool.events[2].headers["x-event-id"]])
+    witness.tick()
+    assert spool.confirmed == 2                 # the first one went with event 1
+    assert witness.take_over() == (0, 0)
+    assert spool.confirmed == 2                 # the last one is ours to publish
