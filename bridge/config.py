@@ -64,6 +64,13 @@ def parse_positive_int(text: str) -> int:
     return value
 
 
+def parse_heartbeat(text: str) -> int:
+    value = parse_positive_int(text)
+    if value > 60:
+        raise ValueError("must be 1 to 60 seconds")
+    return value
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -280,8 +287,9 @@ HA_SETTINGS = (
             "on: one of several replicas; the leader publishes, standbys cover for it "
             "(README, High availability)", "off", parse_bool),
     Setting("ha_heartbeat", "BRIDGE_HA_HEARTBEAT",
-            "seconds of silence after which the broker frees a lost leader's lock; the "
-            "leader steps down after half of it", "6", parse_seconds),
+            "AMQP heartbeat of the HA connection, whole seconds: the broker frees a silent "
+            "leader's lock after 2-3 of them; the leader steps down after one", "2",
+            parse_heartbeat),
     Setting("ha_fill_grace", "BRIDGE_HA_FILL_GRACE",
             "seconds a standby waits before offering the leader an event it missed", "1",
             parse_seconds),
@@ -434,7 +442,7 @@ class StreamConfig:
 class HaConfig:
     """BRIDGE_HA=on: how replicas elect and watch each other (bridge/ha)."""
 
-    heartbeat: float = 6.0
+    heartbeat: int = 2
     fill_grace: float = 1.0
 
 

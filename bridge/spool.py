@@ -24,11 +24,12 @@ SQLite database in WAL mode (standard library, crash-safe, fast appends in batch
   the reader stops reading the websocket until the publisher makes room.
 - A filesystem that fills up (ENOSPC, EDQUOT, an I/O error on write) is not a crash:
   `append` rolls back and raises `SpoolUnwritable`, keeping nothing half-written, and
-  the caller keeps its batch and tries again once `wait_for_room` says so; a
-  `confirm` whose DELETE cannot be written is remembered and retried by the
-  maintenance thread, and failed checkpoints are retried too. Every such failure
-  goes to `on_error(operation, exception)`, and `maintenance_error` says what is
-  wrong until a checkpoint succeeds again.
+  the caller keeps its batch and tries again (after `wait_for_room`); a `confirm`
+  whose DELETE cannot be written is remembered and retried by the maintenance
+  thread, and failed checkpoints are retried too. Once the disk is full and every
+  event confirmed, the files are rebuilt empty (`_rebuild_empty`). Every failure
+  goes to `on_error(operation, exception)`; `maintenance_error` names one that is
+  not a full disk (an I/O error, a broken file) until maintenance succeeds again.
 - Opening costs the same whatever the spool holds: the count follows from the first
   and last sequence (rows are only ever added at the end and removed from the front)
   and the byte total is kept in `meta` by every transaction. A spool written before
@@ -79,6 +80,11 @@ RETRY_EVERY = 1.0                    # seconds between retries of failed mainten
 
 _DISK_ERRORS = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
 MARSHAL_VERSION = 4
+
+
+def _is_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
 
 
 class SpoolUnwritable(Exception):
@@ -347,7 +353,7 @@ class Spool:
             self._rollback()
             if not is_disk_error(exc) and operation == "confirm":
                 raise
-            self.maintenance_error = f"{operation}: {exc}"
+            self._maintenance_failed(operation, exc)
             self._on_error(operation, exc)
             return False
         self._count -= upto - self._deleted
@@ -357,6 +363,13 @@ class Spool:
         self._written_since_checkpoint += 1     # the deletes are in the WAL too
         self._room.notify_all()
         return True
+
+    def _maintenance_failed(self, operation: str, exc: Exception) -> None:
+        """A full filesystem is not `maintenance_error`: it is the backpressure case,
+        handled and retried, and a liveness restart would only lose the batch in hand.
+        Anything else (an I/O error, a broken file) is, until maintenance succeeds."""
+        if not _is_full(exc):
+            self.maintenance_error = f"{operation}: {exc}"
 
     def _rollback(self) -> None:
         if not self._rebuilding and self._db.in_transaction:
@@ -386,7 +399,7 @@ class Spool:
                     try:
                         self._rebuild_empty()
                     except (OSError, sqlite3.Error) as exc:
-                        self.maintenance_error = f"rebuild: {exc}"
+                        self._maintenance_failed("rebuild", exc)
                         self._on_error("rebuild", exc)
                         continue
                 retried = self._delete_confirmed("confirm-retry")
@@ -405,7 +418,7 @@ class Spool:
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:
                 failing = True
-                self.maintenance_error = f"checkpoint: {exc}"
+                self._maintenance_failed("checkpoint", exc)
                 self._on_error("checkpoint", exc)
                 continue
             last = time.monotonic()

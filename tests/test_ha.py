@@ -126,6 +126,29 @@ def test_leader_cut_off_the_broker_standby_takes_over_old_leader_stays_standby(r
     assert rig.metric(leader, "tutum_bridge_events_published_total") == published_when_cut
 
 
+def test_a_silent_link_to_the_leader_is_taken_over_within_10_seconds(rig):
+    """The leader's broker link goes silent (a host gone: no RST, no FIN): the leader
+    steps down when its lease runs out, the broker frees the lock after the heartbeat,
+    and the standby takes over within 10 s; nothing is lost."""
+    sim = rig.simulator("--fanout", "--rate", RATE, "--count", "3000")
+    broker_proxy = rig.broker_proxy()
+    leader, standby = rig.pair(sim, leader_via=broker_proxy)
+    rig.wait_sent(sim, 600)
+
+    silent_at = time.monotonic()
+    broker_proxy.blackhole()
+    rig.wait_log(standby, "ha.takeover", timeout=20)
+    took = time.monotonic() - silent_at
+    stepped_down = rig.wait_log(leader, "ha.lease_lost", timeout=5)
+    broker_proxy.resume()
+
+    ledger = rig.settle(sim, 3000, takeover_seconds=round(took, 2))
+    assert took < 10, ledger.summary()
+    assert stepped_down
+    assert_guarantee(ledger)
+    assert same_identity(rig.collector.messages)
+
+
 def test_without_ha_a_killed_bridge_loses_what_happened_while_it_was_down(rig):
     """BRIDGE_HA=off, one bridge, SIGKILL and a restart 3 s later (as systemd would):
     the events that happened meanwhile reached nobody. Reported, not asserted zero."""

@@ -3,14 +3,15 @@
 Election: the leader is the replica whose connection holds the *exclusive* queue
 `<exchange>.ha.leader`. RabbitMQ guarantees one owner at a time, and frees it only
 when the owning connection is gone: closed, its TCP socket reset (a killed process, a
-cut link), its heartbeat missed (a silent link: `heartbeat` seconds), or its node
+cut link), its heartbeats missed (a silent link: 2-3 `heartbeat`s), or its node
 lost. A standby tries to declare it every `LOCK_RETRY` seconds and gets
 RESOURCE_LOCKED (405) while a leader lives. A replica that cannot reach the broker
 cannot hold it, so it can never be leader.
 
 Lease: the leader re-declares its lock (passively) every `PROBE_EVERY` seconds, and
-steps down as soon as no answer came for `heartbeat / 2` seconds, before the broker
-(which waits `heartbeat` seconds at least) can give the lock to someone else.
+steps down as soon as no answer came for `heartbeat` seconds, before the broker can
+give the lock to someone else: RabbitMQ closes a silent connection after two
+heartbeat intervals without a byte from it (measured here: 2-3 intervals).
 
 Talk: every replica binds an exclusive, bounded queue to the fanout exchange
 `<exchange>.ha` and publishes small JSON messages there, `type` naming the kind and
@@ -72,7 +73,7 @@ class HaLink:
         self._names = names
         self._replica = replica
         self._heartbeat = heartbeat
-        self._lease = heartbeat / 2
+        self._lease = heartbeat
         self._log = log
         self._listener = listener
         self._urls = itertools.cycle(amqp.urls)
@@ -131,7 +132,7 @@ class HaLink:
             return
         params = self._amqp.parameters(next(self._urls), f"{self._names.exchange} {self._replica}")
         params.connection_attempts = 1
-        params.heartbeat = max(1, round(self._heartbeat))
+        params.heartbeat = self._heartbeat
         params.socket_timeout = self._heartbeat
         self._set(LinkState.CONNECTING)
         self._conn = pika.SelectConnection(
