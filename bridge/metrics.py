@@ -16,14 +16,16 @@ import json
 import platform
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Mapping
 
-from prometheus_client import (CollectorRegistry, GCCollector, Counter, Gauge, Histogram,
+from prometheus_client import (CollectorRegistry, GCCollector, Counter, Gauge,
                                PlatformCollector, ProcessCollector, generate_latest)
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 from bridge import __version__
 
@@ -111,15 +113,57 @@ class Metrics:
         self.backpressure = Gauge("tutum_bridge_backpressure",
                                   "1 while the spool is full and the stream is not read",
                                   registry=r)
-        publish_latency = Histogram("tutum_bridge_publish_to_confirm_seconds",
-                                    "From the publish to the broker's confirm, per event",
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        receive_latency = Histogram("tutum_bridge_receive_to_confirm_seconds",
-                                    "From the frame's receipt to the broker's confirm, per event",
-                                    buckets=LATENCY_BUCKETS, registry=r)
+        publish_latency = BatchHistogram("tutum_bridge_publish_to_confirm_seconds",
+                                         "From the publish to the broker's confirm, per event",
+                                         LATENCY_BUCKETS, r)
+        receive_latency = BatchHistogram("tutum_bridge_receive_to_confirm_seconds",
+                                         "From the frame's receipt to the broker's confirm, "
+                                         "per event", LATENCY_BUCKETS, r)
         self.confirm_timer = ConfirmTimer(publish_latency, receive_latency, clock)
         self.downtime = Downtime(clock)
         r.register(self.downtime)
+
+
+class BatchHistogram:
+    """A Prometheus histogram observed a batch at a time.
+
+    The latency histograms see every event, thousands a second in a burst;
+    prometheus_client's `Histogram.observe` walks the buckets in Python and takes a
+    lock per call, which cost about a tenth of the publisher thread. Here a batch is
+    one lock, a C bisect per value, and one observation of a value shared by many.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self._name, self._documentation = name, documentation
+        self._bounds = tuple(buckets)
+        self._counts = [0] * (len(self._bounds) + 1)      # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """`count` observations of `value`."""
+        with self._lock:
+            self._counts[bisect_left(self._bounds, value)] += count
+            self._sum += value * count
+
+    def observe_each(self, values) -> None:
+        bounds, counts = self._bounds, self._counts
+        with self._lock:
+            for value in values:
+                counts[bisect_left(bounds, value)] += 1
+                self._sum += value
+
+    def collect(self):
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self._bounds, float("inf")), counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets,
+                                    sum_value=total)
 
 
 class ConfirmTimer:
@@ -130,7 +174,7 @@ class ConfirmTimer:
     are published again, and timed again from that publish; receipt time stays).
     """
 
-    def __init__(self, publish: Histogram, receive: Histogram,
+    def __init__(self, publish: BatchHistogram, receive: BatchHistogram,
                  clock: Callable[[], float]) -> None:
         self._publish, self._receive, self._clock = publish, receive, clock
         self._batches: deque[tuple[int, float, list[float]]] = deque()
@@ -143,9 +187,8 @@ class ConfirmTimer:
         now = self._clock()
         while self._batches and self._batches[0][0] <= upto:
             _, published_at, received = self._batches.popleft()
-            for received_at in received:
-                self._publish.observe(max(0.0, now - published_at))
-                self._receive.observe(max(0.0, now - received_at))
+            self._publish.observe(max(0.0, now - published_at), len(received))
+            self._receive.observe_each(max(0.0, now - at) for at in received)
 
     def forget(self) -> None:
         self._batches.clear()

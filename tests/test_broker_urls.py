@@ -21,7 +21,9 @@ def closed_port() -> int:
 def test_a_dead_first_broker_is_skipped_for_the_next(simulator, bridge, topology):
     queue = topology.bind("#")
     sim = simulator("--seed", "11", "--count", "20", "--rate", "0")
-    dead = f"amqp://guest:guest@127.0.0.1:{closed_port()}/%2F"
+    # Nothing listens there, so its password can be one no scrubbing of "guest" hides.
+    port = closed_port()
+    dead = f"amqp://guest:Dead-Pw-7c31@127.0.0.1:{port}/%2F"
 
     proc = bridge(sim, AMQP_URL=f"{dead},{AMQP_URL}")
 
@@ -31,4 +33,5 @@ def test_a_dead_first_broker_is_skipped_for_the_next(simulator, bridge, topology
     assert proc.stop() == 0
     log = proc.stderr
     assert "broker.connect_failed" in log
-    assert "guest:guest@" not in log
+    assert f":***@127.0.0.1:{port}/" in log       # which broker it tried, redacted
+    assert "Dead-Pw-7c31" not in log

@@ -41,10 +41,12 @@ def test_hadolint_passes_the_dockerfile():
 def test_the_compose_file_is_valid_with_and_without_the_simulator():
     checker = tool("check-jsonschema", "pip install check-jsonschema")
     result = run(checker, "--builtin-schema", "vendor.compose-spec",
-                 str(DEPLOY / "docker-compose.yml"))
+                 str(DEPLOY / "docker-compose.yml"), str(DEPLOY / "docker-compose.ha.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    services = compose["services"]
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    ha = yaml.safe_load((DEPLOY / "docker-compose.ha.yml").read_text())["services"]
+    services = {**services, "bridge-b": ha["bridge-b"]}
+    assert ha["bridge"]["environment"]["BRIDGE_HA"] == ha["bridge-b"]["environment"]["BRIDGE_HA"] == "on"
     # Without the simulator profile nothing may depend on the simulator.
     for name, service in services.items():
         assert "simulator" not in service.get("depends_on", ()), name
@@ -56,6 +58,18 @@ def test_the_compose_file_is_valid_with_and_without_the_simulator():
             assert not re.search(r"://[^/@{}]*:[^/@{}]*@", str(value)), (name, key)
         assert service.get("restart"), name
     assert [n for n, s in services.items() if "build" in s] == ["bridge"]
+
+
+def test_the_ci_workflow_is_valid_and_runs_the_readme_test_command():
+    checker = tool("check-jsonschema", "pip install check-jsonschema")
+    workflow = ROOT / ".github" / "workflows" / "ci.yml"
+    result = run(checker, "--builtin-schema", "vendor.github-workflows", str(workflow))
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = yaml.safe_load(workflow.read_text())["jobs"]["test"]
+    assert "rabbitmq" in job["services"]
+    readme = (ROOT / "README.md").read_text()
+    assert ".venv/bin/python -m pytest -q" in readme
+    assert any(".venv/bin/python -m pytest -q" in step.get("run", "") for step in job["steps"])
 
 
 @pytest.fixture(scope="module")

@@ -145,10 +145,13 @@ class Bench:
         n = self.settings.events
         with self.session(bridge, "burst", n, "--rate", "0", *_sim_flags(bridge)) as session:
             cpu_before = self.cpu_when_sending(session)
+            written_before = session.meter.written()
             standby_before = session.standby_meter.cpu() if session.standby_meter else None
             got = self.deliver(session, n)
+            written = session.meter.written() - written_before
             figures = {**_burst(session, n, got["last_delivery"] - got["first_sent"],
                                 session.meter.cpu() - cpu_before),
+                       "written_bytes": written, "written_bytes_per_event": written / n,
                        "latency_ms": got["latency_ms"], "duplicates": got["duplicates"]}
             if session.standby_meter:
                 cpu = session.standby_meter.cpu() - standby_before

@@ -1,4 +1,5 @@
-"""What a bridge process costs: CPU seconds and peak resident memory, read from outside.
+"""What a bridge process costs: CPU seconds, disk writes and peak resident memory, read
+from outside.
 
 CPU is user+system time of the process itself (psutil, or the scheduler's exact
 counters for idle spans), so the figures are the bridge's alone, whatever else runs
@@ -36,6 +37,11 @@ class Meter:
             except (OSError, ValueError, IndexError):
                 continue  # the thread ended while we looked
         return total / 1e9
+
+    def written(self) -> int:
+        """Bytes the process has caused to be written to storage (its spool, its logs):
+        the disk the broker shares, which a burst can make the bottleneck."""
+        return self.process.io_counters().write_bytes
 
     def rss(self) -> int:
         """Bytes resident now."""

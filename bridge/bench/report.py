@@ -24,6 +24,7 @@ COLUMNS: list[tuple[str, Callable[[dict], float | None], str]] = [
     ("p99 ms", _get("latency", "latency_ms", "p99"), "{:.1f}"),
     ("max ms", _get("latency", "latency_ms", "max"), "{:.1f}"),
     ("CPU s/10k", _get("burst", "cpu_seconds_per_10k"), "{:.2f}"),
+    ("disk B/ev", _get("burst", "written_bytes_per_event"), "{:.0f}"),
     ("peak RSS MiB", lambda f: f["peak_rss_bytes"] / MiB if "peak_rss_bytes" in f else None,
      "{:.1f}"),
     ("idle CPU %", _get("idle", "cpu_percent"), "{:.3f}"),

@@ -184,6 +184,33 @@ def test_amqp_password_file_replaces_the_password_in_the_url(env, tmp_path, pass
     assert password in cfg.secrets
 
 
+def test_rotated_secret_files_are_read_again_at_each_connection(env, tmp_path):
+    """A Kubernetes Secret or systemd credential rotated while the bridge runs: each
+    side asks for its URL at connect time and gets the file as it is then; a file
+    missing mid-rotation keeps the last good value on the stream side, and is an error
+    the publisher reports (and keeps its last URLs)."""
+    del env["TUTUM_APIKEY"]
+    key_file, pw_file = tmp_path / "apikey", tmp_path / "amqp-password"
+    key_file.write_text("key-one\n")
+    pw_file.write_text("pw-one\n")
+    cfg = load({**env, "TUTUM_APIKEY_FILE": str(key_file), "AMQP_PASSWORD_FILE": str(pw_file)})
+    key_file.write_text("key-two\n")
+    pw_file.write_text("pw-two\n")
+
+    url, secrets = cfg.stream.current_url()
+    assert parse_qs(urlsplit(url).query) == {"token": ["key-two"], "user": ["alice"]}
+    assert secrets == ("key-two",)
+    (amqp_url,), secrets = cfg.amqp.current_urls()
+    assert pika.URLParameters(amqp_url).credentials.password == "pw-two"
+    assert secrets == ("pw-two",)
+
+    key_file.unlink()
+    pw_file.unlink()
+    assert parse_qs(urlsplit(cfg.stream.current_url()[0]).query)["token"] == ["key-one"]
+    with pytest.raises(ConfigError):
+        cfg.amqp.current_urls()
+
+
 def test_missing_amqp_password_file(env, tmp_path):
     message = config_error({**env, "AMQP_PASSWORD_FILE": str(tmp_path / "nope")})
     assert "AMQP_PASSWORD_FILE" in message
@@ -215,6 +242,9 @@ def test_secrets_stay_out_of_the_config_repr(env):
     ("BRIDGE_SPOOL_MAX_BYTES", "0"),
     ("BRIDGE_SPOOL_SYNC", "sometimes"),
     ("BRIDGE_QUEUE_TYPE", "stream"),
+    ("BRIDGE_AMQP_HEARTBEAT", "0"),
+    ("BRIDGE_AMQP_HEARTBEAT", "61"),
+    ("BRIDGE_CONFIRM_TIMEOUT", "never"),
     ("BRIDGE_MAX_FRAME_BYTES", "1XB"),
     ("BRIDGE_PING_INTERVAL", "-1"),
     ("BRIDGE_PING_TIMEOUT", "soon"),
