@@ -107,3 +107,16 @@ def test_a_leaders_reconnection_says_which_standbys_covered_the_gap():
                            {"type": "bridge"})])
     gap = json.loads(spool.events[1].body)["gap"]
     assert gap["covered"] is True and gap["covered_by"] == ["b"]
+
+
+def test_events_left_by_a_previous_run_are_on_the_books_before_new_ones():
+    spool = FakeSpool()
+    spool.append([Event("container.update", b"{}", 1.0, {"x-event-id": "left-1"})])
+    ha = HaNode(HaConfig(), AmqpConfig(urls=("amqp://h/",), exchange="ex"), spool,
+                Metrics(), Log())
+    assert ha.witness.holds("left-1")
+    ha.spool.append([Event("container.update", b"[]", 2.0, {})])
+    new_id = spool.events[2].headers["x-event-id"]
+    ha.witness.leader_published([new_id])
+    ha.witness.tick()
+    assert spool.confirmed == 0             # the old one is a hole now, not forgotten
