@@ -236,9 +236,6 @@ AMQP_SETTINGS = (
             parse=parse_existing_file),
     Setting("exchange", "BRIDGE_EXCHANGE", "topic exchange events are published to",
             "tutum.events", parse_exchange_name),
-    Setting("amqp_heartbeat", "BRIDGE_AMQP_HEARTBEAT",
-            "AMQP heartbeat, seconds; a broker link silent for that long is dropped",
-            "10", parse_positive_int),
 )
 
 TOPOLOGY_SETTINGS = (
@@ -272,6 +269,9 @@ RUN_SETTINGS = (
             "2000", parse_positive_int),
     Setting("reconnect_max", "BRIDGE_RECONNECT_MAX", "cap of the reconnect backoff, seconds",
             "30", parse_seconds),
+    Setting("amqp_heartbeat", "BRIDGE_AMQP_HEARTBEAT",
+            "AMQP heartbeat, seconds; a broker link silent for that long is dropped",
+            "10", parse_heartbeat),
     Setting("confirm_timeout", "BRIDGE_CONFIRM_TIMEOUT",
             "seconds a publish may wait for its confirm (unless the broker blocks us) "
             "before the connection is dropped and the next URL tried", "15", parse_seconds),
@@ -362,7 +362,7 @@ class AmqpConfig:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    heartbeat: int = 10
+    heartbeat: int = 10            # the bridge's publisher only: a tool keeps the broker's
     password_file: Path | None = None
 
     def current_urls(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -388,7 +388,6 @@ class AmqpConfig:
             params.ssl_options = pika.SSLOptions(self.ssl_context(), urlsplit(url).hostname)
         params.client_properties = {"connection_name": f"tutum-bridge {connection_name}",
                                     "product": "tutum-bridge"}
-        params.heartbeat = self.heartbeat
         return params
 
     def ssl_context(self) -> ssl.SSLContext | None:
