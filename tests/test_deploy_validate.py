@@ -183,6 +183,8 @@ def test_the_systemd_unit_works_before_systemd_251_and_installs_no_pypi_name():
     # $CREDENTIALS_DIRECTORY itself (tests/unit/test_deploy_config.py).
     assert not [line for line in settings if "%d" in line]
     assert "LoadCredential=tutum-apikey:/etc/tutum-bridge/tutum-apikey" in settings
+    # The watchdog the bridge keeps while /livez would say live (tests/unit/test_watchdog.py).
+    assert {"Type=notify", "WatchdogSec=30s"} <= set(settings)
     # No `pip install tutum-bridge`: that name on PyPI is not this project.
     assert not re.search(r"pip install\s+tutum-bridge\b", UNIT.read_text())
     assert "pip install dist/tutum_bridge-*.whl" in UNIT.read_text()
