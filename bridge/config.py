@@ -446,6 +446,27 @@ class HaConfig:
 
 
 @dataclass(frozen=True)
+class Notify:
+    """systemd's notify socket (Type=notify), and the watchdog interval if WatchdogSec=."""
+
+    socket: str
+    watchdog_seconds: float | None
+
+
+def systemd_notify(environ: Mapping[str, str], pid: int | None = None) -> Notify | None:
+    """NOTIFY_SOCKET and WATCHDOG_USEC as systemd sets them; a watchdog meant for
+    another process (WATCHDOG_PID) is not ours."""
+    socket_path = environ.get("NOTIFY_SOCKET")
+    if not socket_path:
+        return None
+    watchdog = None
+    usec, owner = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+    if usec.isdigit() and int(usec) > 0 and (not owner or owner == str(pid or os.getpid())):
+        watchdog = int(usec) / 1e6
+    return Notify(socket_path, watchdog)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `tutum-bridge run` needs, validated."""
 
@@ -468,6 +489,7 @@ class Config:
     log_format: str
     secrets: tuple[str, ...] = field(repr=False, default=())
     ha: "HaConfig | None" = None          # None: BRIDGE_HA=off
+    notify: Notify | None = None          # None: not started by systemd with Type=notify
 
     @property
     def topology(self) -> Topology:
@@ -626,4 +648,5 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         confirm_timeout=values["confirm_timeout"], shutdown_timeout=values["shutdown_timeout"], metrics_addr=values["metrics_addr"],
         log_level=values["log_level"], log_format=values["log_format"],
         secrets=stream_secrets + amqp_secrets,
-        ha=HaConfig(values["ha_heartbeat"], values["ha_fill_grace"]) if values["ha"] else None)
+        ha=HaConfig(values["ha_heartbeat"], values["ha_fill_grace"]) if values["ha"] else None,
+        notify=systemd_notify(environ))

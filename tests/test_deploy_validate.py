@@ -183,6 +183,8 @@ def test_the_systemd_unit_works_before_systemd_251_and_installs_no_pypi_name():
     # $CREDENTIALS_DIRECTORY itself (tests/unit/test_deploy_config.py).
     assert not [line for line in settings if "%d" in line]
     assert "LoadCredential=tutum-apikey:/etc/tutum-bridge/tutum-apikey" in settings
+    # The watchdog the bridge keeps while /livez would say live (tests/unit/test_watchdog.py).
+    assert {"Type=notify", "WatchdogSec=30s"} <= set(settings)
     # No `pip install tutum-bridge`: that name on PyPI is not this project.
     assert not re.search(r"pip install\s+tutum-bridge\b", UNIT.read_text())
     assert "pip install dist/tutum_bridge-*.whl" in UNIT.read_text()
@@ -193,3 +195,6 @@ def test_promtool_accepts_the_alert_rules():
     result = run(promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 6 rules found" in result.stdout
+    # And they fire when they should, and only then.
+    result = run(promtool, "test", "rules", str(DEPLOY / "prometheus" / "alerts.test.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -29,6 +29,7 @@ from bridge.ha.witness import Witness, WitnessedSpool
 PRESENCE_EVERY = 1.0     # seconds between presence messages
 PEER_FRESH = 3.0         # seconds a peer's presence counts
 ACCEPTED_MAX = 100_000   # identities of accepted offers remembered (each published once)
+RECOVERED_BATCH = 5000   # events read at a time when a previous run left some
 
 
 class HaNode:
@@ -43,6 +44,7 @@ class HaNode:
                                     on_lifecycle=self._lifecycle, on_confirmed=self._report)
         self.link = HaLink(amqp, Names.for_exchange(amqp.exchange), self.replica,
                            ha_cfg.heartbeat, log, self)
+        self._witness_recovered()
         self.role = "starting"
         self._publisher = None
         self._peers: dict[str, dict] = {}
@@ -50,6 +52,16 @@ class HaNode:
         self._last_presence = 0.0
         self._accepted: OrderedDict[str, None] = OrderedDict()
         metrics.leader.set(0)
+
+    def _witness_recovered(self) -> None:
+        """Events a previous run left in the spool are ours as much as new ones: as a
+        standby we offer them to the leader (which drops those it has), as a leader we
+        publish them; so they are on the books before anything new."""
+        seq = self._inner.confirmed + 1
+        while batch := self._inner.read(seq, RECOVERED_BATCH):
+            for number, ev in batch:
+                self.witness.appended(number, [ev])
+            seq = batch[-1][0] + 1
 
     def attach(self, publisher) -> None:
         """The publisher to pause and resume (created paused)."""
