@@ -1,9 +1,10 @@
 # tutum-bridge: the bridge (default), the simulator and the worker-side tools in one image.
 #
 #   docker build -t tutum-bridge .
-#   docker run --rm -e TUTUM_USER=... -e TUTUM_APIKEY_FILE=/run/secrets/apikey \
-#       -e AMQP_URL=amqp://user:pass@rabbitmq:5672/%2F -v tutum-bridge-spool:/var/lib/tutum-bridge \
-#       tutum-bridge
+#   docker run -d -e TUTUM_USER=... -e TUTUM_APIKEY_FILE=/run/secrets/tutum-apikey \
+#       -e AMQP_URL=amqp://user@rabbitmq:5672/%2F -e AMQP_PASSWORD_FILE=/run/secrets/amqp-password \
+#       -v tutum-bridge-spool:/var/lib/tutum-bridge ... tutum-bridge
+# (the README's "Deploying it" has the whole command, compose and Kubernetes).
 #
 # The spool lives in /var/lib/tutum-bridge: keep it on a volume, or events waiting for
 # the broker are lost with the container. Stop it with SIGTERM (docker stop does) and a

@@ -22,6 +22,7 @@ from bridge import log as logging_
 from bridge.errors import BridgeError, ConfigError
 from bridge.event import derive_headers
 from bridge.health import Health
+from bridge.watchdog import Watchdog
 from bridge.metrics import Metrics, MetricsServer
 from bridge.dead_letters import DeadLetters, path_beside as dead_letters_path
 from bridge.publisher import Publisher
@@ -109,7 +110,10 @@ class Bridge:
         stream_thread = threading.Thread(target=self._run_stream, args=(stream,), name="stream",
                                          daemon=True)
         stream_thread.start()
-        self._wait_and_report(sink, spool, main_heart)
+        watchdog = Watchdog(cfg.notify, lambda: self.live.check()[0])
+        watchdog.ready()
+        self._wait_and_report(sink, spool, main_heart, watchdog)
+        watchdog.stopping()
 
         # Shutdown takes as long as it takes (bounded by BRIDGE_SHUTDOWN_TIMEOUT): a
         # probe must not call it stuck.
@@ -168,7 +172,7 @@ class Bridge:
         if self.ha:
             ha = self.ha
             self.ready.add_check("ha", lambda: None if ha.in_sync else
-                                 f"HA {ha.role}: neither the leader nor a standby in sync")
+                                 f"HA {ha.role.value}: neither the leader nor a standby in sync")
 
     def _on_spool_error(self, operation: str, exc: Exception) -> None:
         """A write the spool's disk refused, or failed maintenance: counted every time,
@@ -235,11 +239,14 @@ class Bridge:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
 
-    def _wait_and_report(self, sink: SpoolingSink, spool: Spool, heart) -> None:
-        """Wait for a stop, beating; meanwhile log throughput now and then."""
+    def _wait_and_report(self, sink: SpoolingSink, spool: Spool, heart,
+                         watchdog: Watchdog) -> None:
+        """Wait for a stop, beating and kicking systemd's watchdog; meanwhile log
+        throughput now and then."""
         last_time, last_count = time.monotonic(), 0
         while not self._stop.wait(1.0):
             heart.beat()
+            watchdog.tick()
             now, count = time.monotonic(), sink.spooled_total
             if now - last_time < PROGRESS_EVERY:
                 continue

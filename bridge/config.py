@@ -236,9 +236,6 @@ AMQP_SETTINGS = (
             parse=parse_existing_file),
     Setting("exchange", "BRIDGE_EXCHANGE", "topic exchange events are published to",
             "tutum.events", parse_exchange_name),
-    Setting("amqp_heartbeat", "BRIDGE_AMQP_HEARTBEAT",
-            "AMQP heartbeat, seconds; a broker link silent for that long is dropped",
-            "10", parse_positive_int),
 )
 
 TOPOLOGY_SETTINGS = (
@@ -272,6 +269,9 @@ RUN_SETTINGS = (
             "2000", parse_positive_int),
     Setting("reconnect_max", "BRIDGE_RECONNECT_MAX", "cap of the reconnect backoff, seconds",
             "30", parse_seconds),
+    Setting("amqp_heartbeat", "BRIDGE_AMQP_HEARTBEAT",
+            "AMQP heartbeat, seconds; a broker link silent for that long is dropped",
+            "10", parse_heartbeat),
     Setting("confirm_timeout", "BRIDGE_CONFIRM_TIMEOUT",
             "seconds a publish may wait for its confirm (unless the broker blocks us) "
             "before the connection is dropped and the next URL tried", "15", parse_seconds),
@@ -362,7 +362,7 @@ class AmqpConfig:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    heartbeat: int = 10
+    heartbeat: int = 10            # the bridge's publisher only: a tool keeps the broker's
     password_file: Path | None = None
 
     def current_urls(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -388,7 +388,6 @@ class AmqpConfig:
             params.ssl_options = pika.SSLOptions(self.ssl_context(), urlsplit(url).hostname)
         params.client_properties = {"connection_name": f"tutum-bridge {connection_name}",
                                     "product": "tutum-bridge"}
-        params.heartbeat = self.heartbeat
         return params
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -447,6 +446,27 @@ class HaConfig:
 
 
 @dataclass(frozen=True)
+class Notify:
+    """systemd's notify socket (Type=notify), and the watchdog interval if WatchdogSec=."""
+
+    socket: str
+    watchdog_seconds: float | None
+
+
+def systemd_notify(environ: Mapping[str, str], pid: int | None = None) -> Notify | None:
+    """NOTIFY_SOCKET and WATCHDOG_USEC as systemd sets them; a watchdog meant for
+    another process (WATCHDOG_PID) is not ours."""
+    socket_path = environ.get("NOTIFY_SOCKET")
+    if not socket_path:
+        return None
+    watchdog = None
+    usec, owner = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+    if usec.isdigit() and int(usec) > 0 and (not owner or owner == str(pid or os.getpid())):
+        watchdog = int(usec) / 1e6
+    return Notify(socket_path, watchdog)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `tutum-bridge run` needs, validated."""
 
@@ -469,6 +489,7 @@ class Config:
     log_format: str
     secrets: tuple[str, ...] = field(repr=False, default=())
     ha: "HaConfig | None" = None          # None: BRIDGE_HA=off
+    notify: Notify | None = None          # None: not started by systemd with Type=notify
 
     @property
     def topology(self) -> Topology:
@@ -627,4 +648,5 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         confirm_timeout=values["confirm_timeout"], shutdown_timeout=values["shutdown_timeout"], metrics_addr=values["metrics_addr"],
         log_level=values["log_level"], log_format=values["log_format"],
         secrets=stream_secrets + amqp_secrets,
-        ha=HaConfig(values["ha_heartbeat"], values["ha_fill_grace"]) if values["ha"] else None)
+        ha=HaConfig(values["ha_heartbeat"], values["ha_fill_grace"]) if values["ha"] else None,
+        notify=systemd_notify(environ))

@@ -259,6 +259,9 @@ class Publisher:
         index = next(self._attempts) % len(self._urls)
         params = self._amqp.parameters(self._urls[index], self._topology.exchange)
         params.connection_attempts = 1
+        # The bridge's own heartbeat, not the broker's (60 s by default): a silent link
+        # must be noticed within BRIDGE_AMQP_HEARTBEAT (see `_watch`).
+        params.heartbeat = self._amqp.heartbeat
         self._fire(Input.CONNECT)
         self._log.info("broker.connecting", url=self._amqp.redacted_urls[index])
         self._connection = pika.SelectConnection(

@@ -41,10 +41,12 @@ def test_hadolint_passes_the_dockerfile():
 def test_the_compose_file_is_valid_with_and_without_the_simulator():
     checker = tool("check-jsonschema", "pip install check-jsonschema")
     result = run(checker, "--builtin-schema", "vendor.compose-spec",
-                 str(DEPLOY / "docker-compose.yml"))
+                 str(DEPLOY / "docker-compose.yml"), str(DEPLOY / "docker-compose.ha.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    services = compose["services"]
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    ha = yaml.safe_load((DEPLOY / "docker-compose.ha.yml").read_text())["services"]
+    services = {**services, "bridge-b": ha["bridge-b"]}
+    assert ha["bridge"]["environment"]["BRIDGE_HA"] == ha["bridge-b"]["environment"]["BRIDGE_HA"] == "on"
     # Without the simulator profile nothing may depend on the simulator.
     for name, service in services.items():
         assert "simulator" not in service.get("depends_on", ()), name
@@ -56,6 +58,18 @@ def test_the_compose_file_is_valid_with_and_without_the_simulator():
             assert not re.search(r"://[^/@{}]*:[^/@{}]*@", str(value)), (name, key)
         assert service.get("restart"), name
     assert [n for n, s in services.items() if "build" in s] == ["bridge"]
+
+
+def test_the_ci_workflow_is_valid_and_runs_the_readme_test_command():
+    checker = tool("check-jsonschema", "pip install check-jsonschema")
+    workflow = ROOT / ".github" / "workflows" / "ci.yml"
+    result = run(checker, "--builtin-schema", "vendor.github-workflows", str(workflow))
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = yaml.safe_load(workflow.read_text())["jobs"]["test"]
+    assert "rabbitmq" in job["services"]
+    readme = (ROOT / "README.md").read_text()
+    assert ".venv/bin/python -m pytest -q" in readme
+    assert any(".venv/bin/python -m pytest -q" in step.get("run", "") for step in job["steps"])
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +183,8 @@ def test_the_systemd_unit_works_before_systemd_251_and_installs_no_pypi_name():
     # $CREDENTIALS_DIRECTORY itself (tests/unit/test_deploy_config.py).
     assert not [line for line in settings if "%d" in line]
     assert "LoadCredential=tutum-apikey:/etc/tutum-bridge/tutum-apikey" in settings
+    # The watchdog the bridge keeps while /livez would say live (tests/unit/test_watchdog.py).
+    assert {"Type=notify", "WatchdogSec=30s"} <= set(settings)
     # No `pip install tutum-bridge`: that name on PyPI is not this project.
     assert not re.search(r"pip install\s+tutum-bridge\b", UNIT.read_text())
     assert "pip install dist/tutum_bridge-*.whl" in UNIT.read_text()
@@ -179,3 +195,6 @@ def test_promtool_accepts_the_alert_rules():
     result = run(promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 6 rules found" in result.stdout
+    # And they fire when they should, and only then.
+    result = run(promtool, "test", "rules", str(DEPLOY / "prometheus" / "alerts.test.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -6,6 +6,7 @@ is real for the bridge while the shared broker is untouched."""
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 
@@ -63,3 +64,20 @@ def test_outages_make_the_bridge_unready_never_unlive(simulator, bridge, topolog
         assert metric(proc, "tutum_bridge_receive_to_confirm_seconds_count") > 0
         assert proc.stop() == 0
     assert drain(queue)
+
+
+def test_under_systemd_the_bridge_says_ready_keeps_the_watchdog_and_says_stopping(
+        simulator, bridge, tmp_path):
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(30)
+        proc = bridge(simulator(), NOTIFY_SOCKET=path, WATCHDOG_USEC="2000000")
+        assert sock.recv(64) == b"READY=1"
+        assert sock.recv(64) == b"WATCHDOG=1"
+        assert sock.recv(64) == b"WATCHDOG=1"        # again, a second later
+        assert proc.stop() == 0
+        messages = [sock.recv(64)]
+        while messages[-1] == b"WATCHDOG=1":
+            messages.append(sock.recv(64))
+        assert messages[-1] == b"STOPPING=1"

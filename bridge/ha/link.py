@@ -16,7 +16,8 @@ heartbeat intervals without a byte from it (measured here: 2-3 intervals).
 Talk: every replica binds an exclusive, bounded queue to the fanout exchange
 `<exchange>.ha` and publishes small JSON messages there, `type` naming the kind and
 `app_id` the sender: the leader's `confirmed` reports, `presence`, and `offer`s of
-events the leader missed. Nothing here is durable: it is about the present.
+events the leader missed. Nothing here is durable, and the exchange is auto-deleted
+with the last replica's queue: it is about the present.
 
     CLOSED -> CONNECTING -> SETTING_UP -> STANDBY <-> LEADER
       ^---------- (lost, lease expired, backoff) ---------'      any -> STOPPED
@@ -186,7 +187,9 @@ class HaLink:
                 self._publish(*self._backlog.popleft(), keep=False)
             self._try_lock()
 
-        channel.exchange_declare(names.exchange, "fanout", durable=False, callback=declared)
+        # Auto-delete: it goes with the last replica's queue, leaving nothing behind.
+        channel.exchange_declare(names.exchange, "fanout", durable=False, auto_delete=True,
+                                 callback=declared)
 
     def _going(self) -> bool:
         """The connection is closing or closed: its close callback takes it from here."""
