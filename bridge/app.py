@@ -172,7 +172,7 @@ class Bridge:
         if self.ha:
             ha = self.ha
             self.ready.add_check("ha", lambda: None if ha.in_sync else
-                                 f"HA {ha.role}: neither the leader nor a standby in sync")
+                                 f"HA {ha.role.value}: neither the leader nor a standby in sync")
 
     def _on_spool_error(self, operation: str, exc: Exception) -> None:
         """A write the spool's disk refused, or failed maintenance: counted every time,

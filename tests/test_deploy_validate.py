@@ -195,3 +195,6 @@ def test_promtool_accepts_the_alert_rules():
     result = run(promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 6 rules found" in result.stdout
+    # And they fire when they should, and only then.
+    result = run(promtool, "test", "rules", str(DEPLOY / "prometheus" / "alerts.test.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -66,6 +66,25 @@ def test_two_replicas_exactly_once_then_leader_sigkilled(rig):
     assert rig.metric(standby, "tutum_bridge_leader") == 1
 
 
+def test_sigterm_of_the_leader_hands_over_at_once(rig):
+    """A deploy: the leader drains, reports, then frees the lock; the standby leads
+    within a second of the leader's exit, and nothing is lost."""
+    sim = rig.simulator("--fanout", "--rate", RATE, "--count", "1600")
+    leader, standby = rig.pair(sim)
+    rig.wait_sent(sim, 600)
+    leader.signal(signal.SIGTERM)
+    assert leader.wait(20) == 0
+    exited_at = time.monotonic()
+    rig.wait_log(standby, "ha.takeover", timeout=10)
+    took = time.monotonic() - exited_at
+    rig.bridges.remove(leader)
+
+    ledger = rig.settle(sim, 1600, takeover_seconds=round(took, 2))
+    assert took < 2, ledger.summary()
+    assert_guarantee(ledger)
+    assert same_identity(rig.collector.messages)
+
+
 def test_standby_that_dies_changes_nothing(rig):
     """Until it dies both replicas are ready (the leader, and a standby in sync with it);
     its death changes nothing for the flow: no loss, no duplicate."""

@@ -16,6 +16,7 @@ standbys covered the gap (`gap.covered_by`).
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import time
 from collections import OrderedDict
@@ -32,7 +33,18 @@ ACCEPTED_MAX = 100_000   # identities of accepted offers remembered (each publis
 RECOVERED_BATCH = 5000   # events read at a time when a previous run left some
 
 
+class Role(enum.Enum):
+    """What this replica is; follows the link's state (`on_state`)."""
+
+    STARTING = "starting"
+    STANDBY = "standby"
+    LEADER = "leader"
+    DISCONNECTED = "disconnected"      # no link to the broker: neither, publishes nothing
+
+
 class HaNode:
+    """The HA side of one replica: owns the witness, the wrapped spool and the link."""
+
     def __init__(self, ha_cfg, amqp, spool, metrics, log) -> None:
         self.replica = spool.id
         self._log = log
@@ -45,7 +57,7 @@ class HaNode:
         self.link = HaLink(amqp, Names.for_exchange(amqp.exchange), self.replica,
                            ha_cfg.heartbeat, log, self)
         self._witness_recovered()
-        self.role = "starting"
+        self.role = Role.STARTING
         self._publisher = None
         self._peers: dict[str, dict] = {}
         self._streaming_since: float | None = None
@@ -75,7 +87,7 @@ class HaNode:
 
     @property
     def is_leader(self) -> bool:
-        return self.role == "leader"
+        return self.role is Role.LEADER
 
     @property
     def in_sync(self) -> bool:
@@ -84,12 +96,12 @@ class HaNode:
         if self.is_leader:
             return True
         now = time.monotonic()
-        return (self.role == "standby" and self._streaming_since is not None
-                and any(p.get("role") == "leader" and now - p["heard"] < PEER_FRESH
+        return (self.role is Role.STANDBY and self._streaming_since is not None
+                and any(p.get("role") == Role.LEADER.value and now - p["heard"] < PEER_FRESH
                         for p in self._peers.values()))
 
     def describe(self) -> dict:
-        return {"role": self.role, "in_sync": self.in_sync, "replica": self.replica,
+        return {"role": self.role.value, "in_sync": self.in_sync, "replica": self.replica,
                 "witness_pending": self.witness.pending}
 
     # --- the link's callbacks (its thread) ----------------------------------------------
@@ -99,11 +111,11 @@ class HaNode:
             return self._take_over()
         self._publisher.pause()
         self._metrics.leader.set(0)
-        role = "standby" if state is LinkState.STANDBY else "disconnected"
-        if role == "standby" and self.role != "standby":
+        role = Role.STANDBY if state is LinkState.STANDBY else Role.DISCONNECTED
+        if role is Role.STANDBY and self.role is not Role.STANDBY:
             self._log.info("ha.standby", replica=self.replica,
                            detail="another replica holds the lock; witnessing it")
-        elif role == "disconnected" and self.role == "leader":
+        elif role is Role.DISCONNECTED and self.role is Role.LEADER:
             self._log.warning("ha.standby", replica=self.replica,
                               detail="lost the broker: not the leader any more")
         self.role = role
@@ -118,14 +130,14 @@ class HaNode:
             self._accept(body.get("events", []), sender)
 
     def on_tick(self) -> None:
-        if self.role == "standby":
+        if self.role is Role.STANDBY:
             holes = self.witness.tick()
             if holes:
                 self._offer(holes)
         now = time.monotonic()
         if now - self._last_presence >= PRESENCE_EVERY:
             self._last_presence = now
-            self.link.send("presence", {"role": self.role,
+            self.link.send("presence", {"role": self.role.value,
                                         "streaming_since": self._streaming_since})
             for sender in [s for s, p in self._peers.items() if now - p["heard"] > 60]:
                 del self._peers[sender]
@@ -135,9 +147,9 @@ class HaNode:
     def _take_over(self) -> None:
         started = time.monotonic()
         saw_leader = self.witness.reports_seen > 0 or any(
-            p.get("role") == "leader" for p in self._peers.values())
+            p.get("role") == Role.LEADER.value for p in self._peers.values())
         filled, maybe_twice = self.witness.take_over()
-        self.role = "leader"
+        self.role = Role.LEADER
         self._metrics.leader.set(1)
         self._publisher.resume()
         if saw_leader:

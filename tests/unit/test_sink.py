@@ -1,0 +1,59 @@
+"""Unit tests of the sink's backpressure on a full disk: the batch in hand is kept.
+
+A real spool; its disk is "full" by SQLite's own SQLITE_FULL (a capped page count).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from bridge.metrics import Metrics
+from bridge.sink import SpoolingSink
+from bridge.spool import Spool
+
+
+def frame(n: int) -> bytes:
+    return b'{"type": "container", "action": "update", "n": %d, "pad": "%s"}' % (n, b"x" * 2000)
+
+
+def test_a_full_disk_blocks_the_stream_keeps_the_batch_and_stores_it_when_room_returns(tmp_path):
+    spool = Spool(tmp_path / "spool.sqlite3", 1 << 30)
+    metrics = Metrics()
+    spooled = []
+    sink = SpoolingSink(spool, lambda: spooled.append(spool.last_seq), metrics,
+                        structlog.get_logger(), max_frame_bytes=1 << 20, stream_url="ws://x")
+    sink.frame(frame(0), False, 0, False, 1.0)
+    sink.flush()
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count={pages}")
+    for n in range(1, 51):
+        sink.frame(frame(n), False, 0, False, 1.0)
+    flushing = threading.Thread(target=sink.flush, daemon=True)
+    flushing.start()
+    flushing.join(1.0)
+    assert flushing.is_alive(), "the stream thread must wait, not drop or raise"
+    assert metrics.registry.get_sample_value("tutum_bridge_backpressure") == 1 and spool.unwritable
+    spool._db.execute("PRAGMA max_page_count=1000000")
+    flushing.join(10)
+    assert not flushing.is_alive()
+    stored = [ev.body for _, ev in spool.read(1, 100)]
+    assert stored == [frame(n) for n in range(51)]
+    assert metrics.registry.get_sample_value("tutum_bridge_backpressure") == 0 and spooled[-1] == 51
+    spool.close()
+
+
+def test_on_stop_with_the_disk_still_full_the_sink_gives_up_after_its_grace(tmp_path, monkeypatch):
+    monkeypatch.setattr("bridge.sink.STOP_GRACE", 0.2)
+    spool = Spool(tmp_path / "spool.sqlite3", 1 << 30)
+    sink = SpoolingSink(spool, lambda: None, Metrics(), structlog.get_logger(),
+                        max_frame_bytes=1 << 20, stream_url="ws://x")
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count={pages}")
+    for n in range(50):
+        sink.frame(frame(n), False, 0, False, 1.0)
+    sink.stopping.set()
+    sink.flush()                       # returns: the stop is not held hostage
+    assert spool.pending == 0
+    spool.close()
