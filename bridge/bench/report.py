@@ -102,7 +102,8 @@ def table(figures: dict) -> str:
 
 
 SOAK_FIGURES = (("rss_bytes", "RSS MiB", MiB), ("cpu_seconds_per_10k", "CPU s/10k", 1),
-                ("p99_ms", "p99 ms", 1), ("spool_bytes", "spool MiB", MiB))
+                ("p99_ms", "p99 ms", 1), ("spool_bytes", "spool MiB", MiB),
+                ("written_bytes_per_event", "disk B/ev", 1))
 
 
 def soak_summary(soak: dict) -> list[str]:

@@ -1,8 +1,8 @@
 """Figures over time: the bridge sampled at fixed intervals, and whether they stayed flat.
 
 A whole-run figure hides a leak, a growing WAL or a latency creep; a sample every few
-seconds shows it. The sampler reads the bridge from outside (RSS, CPU, the spool's
-files on disk) on the wall clock's multiples of the interval, the same stretches the
+seconds shows it. The sampler reads the bridge from outside (RSS, CPU, bytes written
+to storage, the spool's files on disk) on the wall clock's multiples of the interval, the same stretches the
 consumer gives latency percentiles for, so `join` lines the two up by start time.
 """
 
@@ -15,7 +15,8 @@ from typing import Callable
 from bridge.bench.meter import Meter
 
 FLAT_WITHIN = 0.10       # a figure is flat when its last tenth is within 10% of its first
-FLAT_FIGURES = ("rss_bytes", "cpu_seconds_per_10k", "p99_ms", "spool_bytes")
+FLAT_FIGURES = ("rss_bytes", "cpu_seconds_per_10k", "p99_ms", "spool_bytes",
+                "written_bytes_per_event")
 
 
 class Sampler:
@@ -27,7 +28,7 @@ class Sampler:
         self.delivered, self.spool_bytes = delivered, spool_bytes
         self.samples: list[dict] = []
         self._due = math.ceil(time.time() / interval) * interval
-        self._last: tuple[float, float, int] | None = None   # (start, cpu, delivered)
+        self._last: tuple[float, float, int, int] | None = None  # start, cpu, delivered, written
 
     def tick(self) -> None:
         now = time.time()
@@ -35,16 +36,17 @@ class Sampler:
             return
         boundary = math.floor(now / self.interval) * self.interval
         self._due = boundary + self.interval
-        cpu, delivered = self.meter.cpu(), self.delivered()
+        cpu, delivered, written = self.meter.cpu(), self.delivered(), self.meter.written()
         if self._last is not None:
-            start, last_cpu, last_delivered = self._last
+            start, last_cpu, last_delivered, last_written = self._last
             events = delivered - last_delivered
             self.samples.append({
                 "t": start, "seconds": boundary - start, "events": events,
                 "rss_bytes": self.meter.rss(), "cpu_seconds": cpu - last_cpu,
                 "cpu_seconds_per_10k": (cpu - last_cpu) * 10_000 / events if events else None,
+                "written_bytes_per_event": (written - last_written) / events if events else None,
                 "spool_bytes": self.spool_bytes()})
-        self._last = (boundary, cpu, delivered)
+        self._last = (boundary, cpu, delivered, written)
 
 
 def join(samples: list[dict], buckets: list[dict]) -> list[dict]:

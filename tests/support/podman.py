@@ -83,16 +83,27 @@ class Podman:
         RUN step gets the host's CA bundle and a pip.conf naming it, mounted for the
         build only: outbound HTTPS here is re-signed by a local authority that pip's
         own certifi does not know. Nothing of either stays in the image.
+        `--layers=false` and removing the image the tag held before keep repeated
+        builds from piling up untagged images of a few hundred MB each.
         """
         bundle = host_ca_bundle()
         pip_conf = self.conf_dir / "pip.conf"
         pip_conf.write_text("[global]\ncert = /etc/ssl/host-ca.crt\n")
         with machine_lock():
-            self.run("build", "--format", "docker", "--pull=never", "--tag", tag,
+            before = self.image_id(tag)
+            self.run("build", "--format", "docker", "--pull=never", "--layers=false", "--tag", tag,
                      "--volume", f"{bundle}:/etc/ssl/host-ca.crt:ro",
                      "--volume", f"{pip_conf}:/etc/pip.conf:ro",
                      *extra, str(context), timeout=timeout)
+            if before and before != self.image_id(tag):
+                # The tag moved: the previous build is untagged; without this every
+                # run with changed code would leave a few hundred MB behind.
+                self.run("rmi", before, check=False)
         return tag
+
+    def image_id(self, name: str) -> str | None:
+        result = self.run("image", "inspect", "--format", "{{.Id}}", name, check=False)
+        return result.stdout.strip() or None if result.returncode == 0 else None
 
     def remove_containers(self, *names: str) -> None:
         if names:

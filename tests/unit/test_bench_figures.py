@@ -35,7 +35,7 @@ def test_latency_is_bucketed_by_the_wall_clock_stretch_it_was_delivered_in():
 
 def sample(t: float, rss: float, p99: float = 2.0) -> dict:
     return {"t": t, "rss_bytes": rss, "cpu_seconds_per_10k": 0.5, "p99_ms": p99,
-            "spool_bytes": 4096}
+            "spool_bytes": 4096, "written_bytes_per_event": 900}
 
 
 def test_a_steady_run_is_flat_and_a_growing_one_is_not():

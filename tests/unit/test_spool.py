@@ -184,3 +184,29 @@ def test_checkpoint_errors_are_reported_and_retried_not_the_end_of_the_thread(
     assert seen - {None} == ({reported} if reported else set())
     assert errors == [("checkpoint", error)] * 2
     spool.close()
+
+
+def test_the_wal_stays_bounded_under_a_steady_stream_of_small_appends(tmp_path, monkeypatch):
+    """At a steady rate every frame is its own append, so appends run during every
+    checkpoint; a checkpoint that never reaches the WAL's end never lets it restart,
+    and the WAL grew by megabytes a second (found by `bench --soak`)."""
+    monkeypatch.setattr(spool_mod, "WAL_RESTART_BYTES", 256 * 1024, raising=False)
+    monkeypatch.setattr(spool_mod, "CHECKPOINT_EVERY", 0.02)
+    monkeypatch.setattr(spool_mod, "CHECKPOINT_BURST_EVERY", 0.02)
+    spool = open_spool(tmp_path)
+    wal = tmp_path / "spool.sqlite3-wal"
+    # 2,000 appends a second for 2.5 s, as a stream at that rate makes them: about
+    # 75 MB of WAL if it never restarts.
+    start, n, largest = time.monotonic(), 0, 0
+    while (elapsed := time.monotonic() - start) < 2.5:
+        if n > elapsed * 2000:
+            time.sleep(0.0005)            # pacing, as the stream is paced by its input
+            continue
+        n += 1
+        spool.append([event(n, size=400)])
+        if n % 20 == 0:
+            spool.confirm(n - 10)
+            largest = max(largest, wal.stat().st_size)
+    spool.close()
+    assert n > 2000                       # enough appends to grow an unbounded WAL
+    assert largest < 12 * 1024 * 1024, f"the WAL reached {largest} bytes after {n} appends"
