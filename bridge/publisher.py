@@ -46,6 +46,7 @@ from bridge import log as logging_
 from bridge.amqp_encode import APP_ID, CONTENT_TYPE, encode_publish
 from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
+from bridge.confirms import Position
 from bridge.dead_letters import DeadLetters
 from bridge.event import IDENTITY_HEADER
 from bridge.errors import BridgeError, BrokerRefused, ConfigError, TLSVerificationError
@@ -103,21 +104,8 @@ class IllegalTransition(Exception):
 class Publisher:
     """Drains the spool into the broker; reconnects forever unless refused at the start.
 
-    The publishing position, and the invariants that hold between callbacks:
-
-    - `_confirmed`: every event up to it is confirmed (or set aside); the spool forgets
-      them a flush later. `_confirmed < _cursor`.
-    - `_cursor`: the next sequence to publish; everything in (`_confirmed`, `_cursor`)
-      has been published on the current channel, and its copy there is either live
-      or confirmed.
-    - `_unconfirmed`: delivery tag -> (sequence, time sent) of the live copies, in tag
-      order, which is also sequence order. A copy stops being live when confirmed, or
-      when its event is to be republished (after a nack or on a new channel): a late
-      ack of it then counts for nothing, as the republish will be confirmed itself.
-      So `_confirmed` is one below the first live sequence, or `_cursor - 1` if none.
-    - `_published_max`: the highest sequence ever published; at or below it a publish
-      is a republish (`x-republished`). After a restart, all that the spool recovered.
-    - `_set_aside`: sequences in (`_confirmed`, last) that are never to be published.
+    The publishing position and its invariants are `bridge.confirms.Position`'s: this
+    class does the I/O around it.
     """
 
     def __init__(self, amqp: AmqpConfig, topology: Topology, spool: Spool,
@@ -129,7 +117,6 @@ class Publisher:
         self._topology = topology
         self._spool = spool
         self._dead_letters = dead_letters
-        self._inflight = inflight
         self._confirm_timeout = confirm_timeout
         self._on_fatal = on_fatal
         self._log = log
@@ -156,16 +143,12 @@ class Publisher:
         self._closing_since = 0.0
         self._heard = (0, 0.0)    # (bytes received from the broker, when that changed)
 
-        self._confirmed = spool.confirmed
+        # After a restart, all that the spool recovered may have been published.
+        self._pos = Position(spool.confirmed,
+                             spool.last_seq if spool.recovered else spool.confirmed,
+                             inflight, dead_letters.seqs_after(spool.confirmed))
         self._confirm_flush_pending = False
-        self._cursor = spool.confirmed + 1
-        self._published_max = spool.last_seq if spool.recovered else spool.confirmed
-        self._next_tag = 1
-        self._unconfirmed: dict[int, tuple[int, float]] = {}
-        self._set_aside = dead_letters.seqs_after(spool.confirmed)
-        self._window = inflight
         self._nack_wait = False   # waiting out the backoff after a nack
-        self._nacked_upto = 0     # the nack backoff resets once this is confirmed
         self._refusals: dict[int, int] = {}   # sequence -> refusals of it alone
 
     # --- control, from any thread ----------------------------------------------------
@@ -363,13 +346,12 @@ class Publisher:
         # pika release no longer has it, publishing falls back to `basic_publish`.
         write = getattr(self._connection, "_output_marshaled_frames", None)
         self._write = write if callable(write) else None
-        self._next_tag = 1
-        self._cursor = self._confirmed + 1
+        self._pos.new_channel()
         self._metrics.broker_connected.set(1)
         self._metrics.broker_connects.inc()
         self._log.info("broker.ready", exchange=self._topology.exchange,
-                       republishing=max(0, self._published_max - self._confirmed),
-                       window=self._window)
+                       republishing=max(0, self._pos.published_max - self._pos.confirmed),
+                       window=self._pos.window)
         self._pump()
 
     def _on_channel_closed(self, _channel, reason: Exception) -> None:
@@ -415,8 +397,7 @@ class Publisher:
         self._metrics.broker_blocked.set(0)
         self._log.info("broker.unblocked")
         # The confirms held back by the alarm are due from now, not from their publish.
-        now = time.monotonic()
-        self._unconfirmed = {t: (seq, now) for t, (seq, _) in self._unconfirmed.items()}
+        self._pos.restart_clocks(time.monotonic())
         self._pump()
 
     # --- liveness --------------------------------------------------------------------
@@ -438,8 +419,8 @@ class Publisher:
                                f"(heartbeat {self._amqp.heartbeat} s)")
         if self.state is State.CLOSING and now - self._closing_since > CLOSE_TIMEOUT:
             return self._abort(f"the close handshake took over {CLOSE_TIMEOUT:.0f} s")
-        if self.state is State.OPEN and self._unconfirmed and not self.blocked:
-            _seq, sent = next(iter(self._unconfirmed.values()))
+        sent = self._pos.oldest_sent()
+        if self.state is State.OPEN and sent is not None and not self.blocked:
             if now - sent > self._confirm_timeout:
                 self._abort(f"no confirm for {now - sent:.0f} s (BRIDGE_CONFIRM_TIMEOUT "
                             f"{self._confirm_timeout:g} s)")
@@ -471,21 +452,18 @@ class Publisher:
         if (self.state is not State.OPEN or self.blocked or self._nack_wait or self._paused
                 or self._channel is None or not self._channel.is_open):
             return
+        pos = self._pos
         published = republished = 0
-        while not self._paused:
-            room = self._window - len(self._unconfirmed)
-            if room <= 0:
-                break
-            batch = self._spool.read(self._cursor, min(room, READ_BATCH))
+        while not self._paused and pos.room > 0:
+            batch = self._spool.read(pos.cursor, min(pos.room, READ_BATCH))
             if not batch:
                 break
             wire, sent = [], []
             now = time.monotonic()
             for seq, ev in batch:
-                self._cursor = seq + 1
-                if seq in self._set_aside:
+                if pos.skip(seq):
                     continue
-                republish = seq <= self._published_max
+                republish = pos.is_republish(seq)
                 try:
                     frames = self._encode(seq, ev, republish)
                 except (ValueError, TypeError, pe.ShortStringTooLong) as exc:
@@ -493,18 +471,16 @@ class Publisher:
                     continue
                 wire.append(frames)
                 sent.append((seq, ev))
-                self._unconfirmed[self._next_tag] = (seq, now)
-                self._next_tag += 1
+                pos.published(seq, now)
                 published += 1
                 republished += republish
-            self._published_max = max(self._published_max, self._cursor - 1)
             self._send(wire)
             if sent:
                 self._metrics.confirm_timer.published(sent)
         if published:
             self._metrics.published.inc(published - republished)
             self._metrics.republished.inc(republished)
-            self._metrics.inflight.set(len(self._unconfirmed))
+            self._metrics.inflight.set(len(pos.live))
         self._advance_confirmed()
 
     def _encode(self, seq: int, ev, republish: bool):
@@ -538,24 +514,20 @@ class Publisher:
             return      # the channel is going; its confirms are superseded by republishes
         method = frame.method
         tag, multiple = method.delivery_tag, method.multiple
-        tags = (list(itertools.takewhile(lambda t: t <= tag, self._unconfirmed)) if multiple
-                else [tag] if tag in self._unconfirmed else [])
+        tags = self._pos.tags(tag, multiple)
         if not tags:
             return      # copies already superseded by a republish
         if isinstance(method, pika.spec.Basic.Nack):
             return self._on_nack(tags)
-        for t in tags:
-            del self._unconfirmed[t]
+        self._pos.acked(tags)
         self._backoff.reset()           # the broker takes work again
-        if self._window < self._inflight:
-            self._window = min(self._inflight, self._window * 2)
         self._advance_confirmed()
-        self._metrics.inflight.set(len(self._unconfirmed))
+        self._metrics.inflight.set(len(self._pos.live))
         self._pump()
 
     def _on_nack(self, tags: list[int]) -> None:
         """Republish from the first nacked event on, after a backoff, one at first."""
-        first = min(self._unconfirmed[t][0] for t in tags)
+        first = self._pos.nacked(tags)
         self._metrics.nacks.inc(len(tags))
         delay = self._nack_backoff.next()
         ev = self._spool.read(first, 1)
@@ -565,12 +537,8 @@ class Publisher:
             retry_in=round(delay, 2),
             detail="a queue refused it (x-overflow reject-publish, or a quorum queue's "
                    "limit; the broker does not say which); republishing from it in order")
-        self._unconfirmed = {t: v for t, v in self._unconfirmed.items() if v[0] < first}
-        self._nacked_upto = max(self._nacked_upto, self._published_max)
-        self._cursor = first
-        self._window = 1
         self._metrics.confirm_timer.forget()     # timed again from the republish
-        self._metrics.inflight.set(len(self._unconfirmed))
+        self._metrics.inflight.set(len(self._pos.live))
         if not self._nack_wait:
             self._nack_wait = True
             self._ioloop.call_later(delay, self._end_nack_wait)
@@ -580,19 +548,13 @@ class Publisher:
         self._pump()
 
     def _advance_confirmed(self) -> None:
-        if self._unconfirmed:
-            upto = next(iter(self._unconfirmed.values()))[0] - 1
-        else:
-            upto = self._cursor - 1
-        if upto <= self._confirmed:
+        moved, nacks_settled = self._pos.advance()
+        if not moved:
             return
-        self._metrics.confirmed.inc(upto - self._confirmed)
-        self._metrics.confirm_timer.confirmed(upto)
-        self._confirmed = upto
-        self._set_aside = {s for s in self._set_aside if s > upto}
-        if self._nacked_upto and upto >= self._nacked_upto:
+        self._metrics.confirmed.inc(moved)
+        self._metrics.confirm_timer.confirmed(self._pos.confirmed)
+        if nacks_settled:
             self._nack_backoff.reset()
-            self._nacked_upto = 0
         if not self._confirm_flush_pending:
             self._confirm_flush_pending = True
             self._ioloop.call_later(CONFIRM_FLUSH_DELAY, self._flush_confirms)
@@ -600,14 +562,13 @@ class Publisher:
     def _flush_confirms(self) -> None:
         """Forget confirmed events on disk; one transaction for many confirms."""
         self._confirm_flush_pending = False
-        self._spool.confirm(self._confirmed)
+        self._spool.confirm(self._pos.confirmed)
         self._maybe_finish_drain()
 
     def _forget_unconfirmed(self) -> None:
         """The channel is gone: its delivery tags mean nothing any more."""
-        self._unconfirmed.clear()
+        self._pos.new_channel()
         self._metrics.confirm_timer.forget()
-        self._cursor = self._confirmed + 1
         self._metrics.inflight.set(0)
 
     # --- events the broker will not take ---------------------------------------------
@@ -616,12 +577,12 @@ class Publisher:
         """The broker ended the channel or connection while we published. If one event
         was in flight, it is the cause; after MAX_REFUSALS it is set aside. If several
         were, the next connection publishes one at a time to find out."""
-        if code not in MESSAGE_REFUSALS or not self._unconfirmed:
+        if code not in MESSAGE_REFUSALS or not self._pos.live:
             return
-        if len(self._unconfirmed) > 1:
-            self._window = 1
+        seq = self._pos.alone()
+        if seq is None:
+            self._pos.window = 1
             return
-        seq = next(iter(self._unconfirmed.values()))[0]
         self._refusals[seq] = self._refusals.get(seq, 0) + 1
         if self._refusals[seq] >= MAX_REFUSALS:
             del self._refusals[seq]
@@ -638,7 +599,7 @@ class Publisher:
             self._log.error("broker.set_aside_failed", message_id=message_id,
                             reason=f"{type(exc).__name__}: {exc}")
             return
-        self._set_aside.add(seq)
+        self._pos.not_publishable(seq)
         self._metrics.set_aside.inc()
         self._log.error("broker.set_aside", message_id=message_id, seq=seq,
                         routing_key=ev.routing_key, size=len(ev.body), reason=reason,
@@ -652,17 +613,14 @@ class Publisher:
         self._maybe_finish_drain()
 
     def _take_over(self) -> None:
-        if not self._unconfirmed:
-            self._confirmed = max(self._confirmed, self._spool.confirmed)
-            self._cursor = self._confirmed + 1
-        self._published_max = max(self._published_max, self._spool.last_seq)
+        self._pos.take_over(self._spool.confirmed, self._spool.last_seq)
         self._paused = False
         self._pump()
 
     def _maybe_finish_drain(self) -> None:
         # Paused (an HA standby), there is nothing of ours to drain.
-        if self._draining_until is not None and not self._unconfirmed and (
-                self._paused or self._confirmed >= self._spool.last_seq):
+        if self._draining_until is not None and not self._pos.live and (
+                self._paused or self._pos.confirmed >= self._spool.last_seq):
             self._stop()
 
     def _stop(self) -> None:
@@ -670,7 +628,7 @@ class Publisher:
             return
         previous = self.state
         self._fire(Input.STOP)
-        self._spool.confirm(self._confirmed)
+        self._spool.confirm(self._pos.confirmed)
         if previous is State.CONNECTING:
             return  # pika cannot abort a handshake; its open or open-error callback will
         if self._connection is not None and previous is not State.CLOSED \

@@ -8,6 +8,7 @@ image is built once per machine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -26,7 +27,8 @@ from tests.support.rabbit_node import free_port
 from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-TAG = "localhost/tutum-bridge:test"
+# One tag per checkout: test runs in other worktrees build their own code.
+TAG = f"localhost/tutum-bridge:test-{hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]}"
 
 
 @pytest.fixture(scope="session")
@@ -118,17 +120,16 @@ class Stack:
 def compose(podman, image):
     """deploy/docker-compose.yml as it is, brought up by podman-compose under a project
     name of its own, on free host ports (the machine's RabbitMQ holds 5672), and taken
-    down with its volumes whatever happens. The image built above stands in for the
-    compose build (the same Dockerfile), so no second build runs."""
+    down with its volumes whatever happens. The image built above is the compose
+    file's image (TUTUM_BRIDGE_IMAGE; the same Dockerfile), so no second build runs."""
     beside = Path(sys.executable).with_name("podman-compose")
     executable = str(beside) if beside.exists() else shutil.which("podman-compose")
     if executable is None:
         pytest.skip("podman-compose is not installed (pip install podman-compose)")
     pm.rabbitmq_image(podman)
-    podman.run("tag", image, "localhost/tutum-bridge:local")
     project = f"tbtest{uuid.uuid4().hex[:8]}"
     env = {**podman.env, "AMQP_PORT": str(free_port()), "MANAGEMENT_PORT": str(free_port()),
-           "METRICS_PORT": str(free_port())}
+           "METRICS_PORT": str(free_port()), "TUTUM_BRIDGE_IMAGE": image}
     stack = Stack(project, env, [executable, "--project-name", project, "--file",
                                  str(ROOT / "deploy" / "docker-compose.yml"),
                                  "--profile", "simulator"])
@@ -136,11 +137,10 @@ def compose(podman, image):
         yield stack
     finally:
         stack.down()
-        podman.run("rmi", "localhost/tutum-bridge:local", check=False)
 
 
 def test_compose_comes_up_events_reach_a_tail_and_it_tears_down(podman, compose):
-    up = compose.run("up", "--detach")
+    up = compose.run("up", "--detach", "--no-build")
     assert up.returncode == 0, up.stderr[-3000:]
     # podman-compose does not wait for RabbitMQ's health: the bridge reconnects until
     # it is up, and a tail run in the stack fails (one line, exit 1) until then.

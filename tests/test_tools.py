@@ -290,10 +290,10 @@ def test_deployment_files_give_the_bridge_time_to_drain_and_never_restart_a_conf
     prevent = re.search(r"^RestartPreventExitStatus=(.*)$", unit, re.M).group(1).split()
     assert {int(c) for c in prevent} == {EXIT_CONFIG, EXIT_UNAUTHORIZED, EXIT_BROKER_REFUSED}
     assert number("deploy/systemd/tutum-bridge.service", r"^TimeoutStopSec=(\d+)") > shutdown
-    configured = number("deploy/kubernetes/configmap.yaml", r'BRIDGE_SHUTDOWN_TIMEOUT: "(\d+)"')
-    assert number("deploy/kubernetes/statefulset.yaml",
-                  r"terminationGracePeriodSeconds: (\d+)") > configured
-    assert number("deploy/kubernetes/statefulset.yaml", r"^\s+replicas: (\d+)") == 1
+    configured = number("deploy/kubernetes/base/config.env", r"^BRIDGE_SHUTDOWN_TIMEOUT=(\d+)")
+    for workload in ("deploy/kubernetes/deployment.yaml", "deploy/kubernetes/ha/statefulset.yaml"):
+        assert number(workload, r"terminationGracePeriodSeconds: (\d+)") > configured
+    assert number("deploy/kubernetes/deployment.yaml", r"^\s+replicas: (\d+)") == 1
     assert number("deploy/docker-compose.yml", r"stop_grace_period: (\d+)s") > shutdown
 
 

@@ -207,7 +207,7 @@ def test_the_nack_backoff_resets_once_everything_nacked_is_confirmed(make):
     publisher._end_nack_wait()
     publisher._on_confirm(ack(5))                  # event 1; 2 and 3 still to confirm
     publisher._on_confirm(ack(7, multiple=True))   # 2 and 3
-    assert publisher._confirmed == 3
+    assert publisher._pos.confirmed == 3
     publisher.spool.append([classify(b'{"type": "container", "action": "update"}', 2.0)])
     publisher._pump()
     publisher._on_confirm(nack(8))
@@ -254,8 +254,8 @@ def test_a_silent_link_is_dropped_without_a_handshake(make):
 
 def test_a_publish_never_confirmed_drops_the_link_unless_the_broker_blocks_us(make):
     publisher = make(1)
-    tag, (seq, _sent) = next(iter(publisher._unconfirmed.items()))
-    publisher._unconfirmed[tag] = (seq, time.monotonic() - 16)
+    tag, (seq, _sent) = next(iter(publisher._pos.live.items()))
+    publisher._pos.live[tag] = (seq, time.monotonic() - 16)
     publisher.blocked = True
     publisher._watch()
     assert publisher.state is State.OPEN
