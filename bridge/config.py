@@ -293,6 +293,10 @@ HA_SETTINGS = (
     Setting("ha_fill_grace", "BRIDGE_HA_FILL_GRACE",
             "seconds a standby waits before offering the leader an event it missed", "1",
             parse_seconds),
+    Setting("ha_publish_timeout", "BRIDGE_HA_PUBLISH_TIMEOUT",
+            "seconds a leader's publisher may go without a confirm (and not idle) before "
+            "the leader gives up the lock; default twice BRIDGE_HA_HEARTBEAT",
+            parse=parse_seconds),
 )
 
 LOG_SETTINGS = (
@@ -443,6 +447,7 @@ class HaConfig:
 
     heartbeat: int = 2
     fill_grace: float = 1.0
+    publish_timeout: float = 4.0    # BRIDGE_HA_PUBLISH_TIMEOUT, unset: 2 x heartbeat
 
 
 @dataclass(frozen=True)
@@ -630,6 +635,15 @@ def probe_address(environ: Mapping[str, str] | None = None) -> tuple[str, int] |
     return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host), port
 
 
+def ha_config(values: Mapping[str, object]) -> HaConfig:
+    """Leadership needs a publisher that works (bridge/ha/node.py): a leader whose
+    publisher stalls for twice the HA heartbeat gives up the lock, long enough for a
+    reconnect to succeed, short enough for the standby to lead within 10 s."""
+    heartbeat = values["ha_heartbeat"]
+    return HaConfig(heartbeat, values["ha_fill_grace"],
+                    values["ha_publish_timeout"] or 2.0 * heartbeat)
+
+
 def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
     """The validated `run` configuration, or ConfigError with one clear line."""
     environ = os.environ if environ is None else environ
@@ -648,5 +662,5 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         confirm_timeout=values["confirm_timeout"], shutdown_timeout=values["shutdown_timeout"], metrics_addr=values["metrics_addr"],
         log_level=values["log_level"], log_format=values["log_format"],
         secrets=stream_secrets + amqp_secrets,
-        ha=HaConfig(values["ha_heartbeat"], values["ha_fill_grace"]) if values["ha"] else None,
+        ha=ha_config(values) if values["ha"] else None,
         notify=systemd_notify(environ))

@@ -142,6 +142,11 @@ class Publisher:
         self._paused = paused
         self._closing_since = 0.0
         self._heard = (0, 0.0)    # (bytes received from the broker, when that changed)
+        # When the publishing connection last proved that it works: a confirm (an ack,
+        # or a nack: the broker took the work), or open with nothing owed. HA leadership
+        # needs it recent (bridge/ha/node.py); a connection that opens and is then
+        # refused every publish never sets it.
+        self.progress_at = 0.0
 
         # After a restart, all that the spool recovered may have been published.
         self._pos = Position(spool.confirmed,
@@ -353,6 +358,7 @@ class Publisher:
                        republishing=max(0, self._pos.published_max - self._pos.confirmed),
                        window=self._pos.window)
         self._pump()
+        self._progress_if_idle(time.monotonic())
 
     def _on_channel_closed(self, _channel, reason: Exception) -> None:
         self._channel = None
@@ -409,6 +415,7 @@ class Publisher:
         self._beat()
         self._ioloop.call_later(WATCH_EVERY, self._watch)
         connection, now = self._connection, time.monotonic()
+        self._progress_if_idle(now)
         if connection is None or self.state not in (State.DECLARING, State.OPEN, State.CLOSING):
             return
         received, since = self._heard
@@ -424,6 +431,12 @@ class Publisher:
             if now - sent > self._confirm_timeout:
                 self._abort(f"no confirm for {now - sent:.0f} s (BRIDGE_CONFIRM_TIMEOUT "
                             f"{self._confirm_timeout:g} s)")
+
+    def _progress_if_idle(self, now: float) -> None:
+        """Open with nothing in flight (or held back by a resource alarm, which no
+        other connection would escape): as good as a confirm."""
+        if self.state is State.OPEN and (self.blocked or not self._pos.live):
+            self.progress_at = now
 
     def _abort(self, reason: str) -> None:
         """End the connection without a handshake: the link cannot carry one."""
@@ -514,6 +527,7 @@ class Publisher:
             return      # the channel is going; its confirms are superseded by republishes
         method = frame.method
         tag, multiple = method.delivery_tag, method.multiple
+        self.progress_at = time.monotonic()
         tags = self._pos.tags(tag, multiple)
         if not tags:
             return      # copies already superseded by a republish

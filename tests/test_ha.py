@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 
 import pytest
 
+from tests.support.broker import unique
 from tests.support.fault_rig import assert_guarantee
 from tests.support.ha import HaRig, same_identity
 from tests.support.ledger import compute
@@ -151,6 +153,88 @@ def test_leader_cut_off_the_broker_standby_takes_over_old_leader_stays_standby(r
     assert same_identity(rig.collector.messages)
     assert rig.metric(leader, "tutum_bridge_leader") == 0
     assert rig.metric(leader, "tutum_bridge_events_published_total") == published_when_cut
+
+
+@pytest.fixture
+def own_vhost(healthy_node):  # noqa: F811
+    """A vhost of the test's own on the private node, with two users of their own
+    (replica A's and B's, both allowed everything, as is guest); all deleted at the end.
+
+    One `rabbitmqctl eval` each way rather than nine commands of a second each: the
+    calls are those behind `add_vhost`, `add_user`, `set_permissions` and `delete_*`."""
+    vhost = unique("tb-ha-vhost")
+    users = {name: (unique(f"tb-ha-{name}"), uuid.uuid4().hex) for name in ("a", "b")}
+    allow = 'ok = rabbit_auth_backend_internal:set_permissions(<<"{}">>, <<"%s">>, ' \
+        '<<".*">>, <<".*">>, <<".*">>, <<"test">>)' % vhost
+    setup = [f'ok = rabbit_vhost:add(<<"{vhost}">>, <<"test">>)', allow.format("guest")]
+    for user, password in users.values():
+        setup += [f'ok = rabbit_auth_backend_internal:add_user(<<"{user}">>, '
+                  f'<<"{password}">>, <<"test">>)', allow.format(user)]
+    teardown = [f'rabbit_auth_backend_internal:delete_user(<<"{user}">>, <<"test">>)'
+                for user, _ in users.values()]
+    teardown.append(f'rabbit_vhost:delete(<<"{vhost}">>, <<"test">>)')
+    try:
+        healthy_node.ctl("eval", ", ".join(setup) + ".")
+        yield vhost, users
+    finally:
+        healthy_node.ctl("eval", ", ".join(teardown) + ".", check=False)
+
+
+def test_a_leader_whose_publisher_is_refused_hands_over_while_its_link_is_fine(
+        request, healthy_node, own_vhost, topology, simulator, bridge, tmp_path):  # noqa: F811
+    """The leader's user loses write permission on the events exchange mid-stream (its
+    HA connection, on the same user, is untouched): its publisher is refused, so it
+    gives up the lock and the standby takes over within 10 s, nothing lost. With the
+    permission back it stays a standby: the other replica leads and nothing changes."""
+    vhost, users = own_vhost
+    port, exchange = healthy_node.port, topology.exchange
+    rig = HaRig(request.node.name, healthy_node, topology, simulator, bridge, tmp_path,
+                url=f"amqp://guest:guest@127.0.0.1:{port}/{vhost}")
+    try:
+        def env(name: str) -> dict:
+            user, password = users[name]
+            return {"AMQP_URL": f"amqp://{user}:{password}@127.0.0.1:{port}/{vhost}"}
+        sim = rig.simulator("--fanout", "--rate", RATE, "--count", "2000")
+        leader, standby = rig.pair(sim, leader_env=env("a"), standby_env=env("b"))
+        rig.wait_sent(sim, 400)
+
+        leader_user = users["a"][0]
+        publishing = connection_pids(healthy_node, leader_user, f"tutum-bridge {exchange}")
+        healthy_node.ctl("set_permissions", "-p", vhost, leader_user,
+                         ".*", f"^(?!{exchange}$).*", ".*")
+        # A channel keeps the permissions it checked (RabbitMQ caches them), as after a
+        # password rotation the open connection keeps its login: the next one is refused.
+        refused_at = time.monotonic()
+        for pid in publishing:
+            healthy_node.ctl("close_connection", pid, "permission revoked", check=False)
+        takeover = rig.wait_log(standby, "ha.takeover", timeout=20)
+        took = time.monotonic() - refused_at
+        published_when_replaced = rig.metric(leader, "tutum_bridge_events_published_total")
+        healthy_node.ctl("set_permissions", "-p", vhost, leader_user, ".*", ".*", ".*")
+        # Open again and past its wait, it tries for the lock, which the other holds.
+        rig.wait_log(leader, "ha.competing", timeout=20)
+
+        ledger = rig.settle(sim, 2000, takeover_seconds=round(took, 2),
+                            filled=takeover["filled"])
+        assert took < 10, ledger.summary()
+        assert_guarantee(ledger)
+        assert same_identity(rig.collector.messages)
+        assert rig.metric(leader, "tutum_bridge_leader") == 0
+        assert rig.metric(standby, "tutum_bridge_leader") == 1
+        assert rig.metric(leader, "tutum_bridge_events_published_total") \
+            == published_when_replaced
+        assert len(rig.log_events(leader, "ha.leader")) == 1
+    finally:
+        rig.close()
+
+
+def connection_pids(node, user: str, name: str) -> list[str]:
+    """Erlang pids of `user`'s connections named `name` (exactly) on the node."""
+    wanted = f'{{"connection_name","{name}"}}'
+    listing = node.ctl("list_connections", "--no-table-headers", "pid", "user",
+                       "client_properties")
+    return [line.split("\t")[0].strip() for line in listing.splitlines()
+            if wanted in line and line.split("\t")[1].strip() == user]
 
 
 def test_a_silent_link_to_the_leader_is_taken_over_within_10_seconds(rig):

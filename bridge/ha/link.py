@@ -8,6 +8,11 @@ lost. A standby tries to declare it every `LOCK_RETRY` seconds and gets
 RESOURCE_LOCKED (405) while a leader lives. A replica that cannot reach the broker
 cannot hold it, so it can never be leader.
 
+Only a replica that can publish competes (`leadership_blocked`, the node's rule): a
+standby whose publisher cannot open does not try for the lock, and a leader whose
+publisher stops making progress gives it up (`_release`: deletes the lock queue and
+stays a standby on the same connection, so it keeps hearing the new leader).
+
 Lease: the leader re-declares its lock (passively) every `PROBE_EVERY` seconds, and
 steps down as soon as no answer came for `heartbeat` seconds, before the broker can
 give the lock to someone else: RabbitMQ closes a silent connection after two
@@ -66,7 +71,8 @@ class Names:
 
 class HaLink:
     """One connection on its own IOLoop thread; `listener` is called on that thread:
-    `on_state(LinkState)`, `on_message(kind, body, sender)`, `on_tick()`."""
+    `on_state(LinkState)`, `on_message(kind, body, sender)`, `on_tick()`, and
+    `leadership_blocked()` (why this replica may not lead now, or None)."""
 
     def __init__(self, amqp, names: Names, replica: str, heartbeat: float, log,
                  listener) -> None:
@@ -85,6 +91,10 @@ class HaLink:
         self._conn = None
         self._channel = None
         self._lock_channel = None
+        self._lock_opening = False      # a lock channel was asked for, not yet open
+        self._lock_timer = None         # the next attempt, if one is due
+        self._releasing = False         # the lock queue's delete is under way
+        self._declining: str | None = None    # why we do not compete now (said once)
         self._last_probe_ok = 0.0
         # Reports of confirms that came while the link was down: a standby that never
         # hears them would hold those events, and offer them, forever.
@@ -161,6 +171,7 @@ class HaLink:
 
     def _closed(self) -> None:
         self._channel = self._lock_channel = None
+        self._lock_opening = self._releasing = False
         if self.state is LinkState.STOPPED:
             return self._ioloop.stop()
         self._set(LinkState.CLOSED)
@@ -205,11 +216,33 @@ class HaLink:
     # --- the lock ---------------------------------------------------------------------
 
     def _try_lock(self) -> None:
-        if self.state is not LinkState.STANDBY or self._lock_channel is not None:
+        if (self.state is not LinkState.STANDBY or self._lock_channel is not None
+                or self._lock_opening):
             return
+        blocked = self._listener.leadership_blocked()
+        if blocked:
+            if blocked != self._declining:
+                self._log.info("ha.not_competing", reason=blocked,
+                               detail="not trying for the lock until the publisher works")
+            self._declining = blocked
+            return self._lock_later()
+        if self._declining:
+            self._log.info("ha.competing", detail="the publisher works: trying for the lock")
+        self._declining = None
+        self._lock_opening = True
         self._conn.channel(on_open_callback=self._on_lock_channel)
 
+    def _lock_later(self) -> None:
+        """One attempt due at a time, whatever asked for it."""
+        if self._lock_timer is None:
+            self._lock_timer = self._ioloop.call_later(LOCK_RETRY, self._lock_due)
+
+    def _lock_due(self) -> None:
+        self._lock_timer = None
+        self._try_lock()
+
     def _on_lock_channel(self, channel) -> None:
+        self._lock_opening = False
         if self.state is not LinkState.STANDBY:
             return channel.close()
         self._lock_channel = channel
@@ -230,9 +263,15 @@ class HaLink:
         self._lock_channel = None
         if self._going():
             return
+        if self._releasing:
+            # The delete failed: the queue, ours until the connection goes, may be held.
+            self._releasing = False
+            self._log.warning("ha.link_lost", reason=f"releasing the lock: {reason}",
+                              was=self.state.value)
+            return self._abandon()
         if self.state is LinkState.STANDBY:
             # 405 RESOURCE_LOCKED: there is a leader. Anything else: try again too.
-            self._ioloop.call_later(LOCK_RETRY, self._try_lock)
+            self._lock_later()
         elif self.state is LinkState.LEADER:
             self._step_down(f"the lock's channel closed: {reason}")
 
@@ -241,6 +280,9 @@ class HaLink:
             return
         if time.monotonic() - self._last_probe_ok > self._lease:
             return self._step_down(f"the broker did not answer for {self._lease:g} s")
+        blocked = self._listener.leadership_blocked()
+        if blocked:
+            return self._release(blocked)
         self._lock_channel.queue_declare(self._names.lock, passive=True,
                                          callback=self._on_probe_ok)
         self._ioloop.call_later(PROBE_EVERY, self._probe)
@@ -251,6 +293,20 @@ class HaLink:
     def _step_down(self, reason: str) -> None:
         self._log.warning("ha.lease_lost", reason=reason)
         self._abandon()
+
+    def _release(self, reason: str) -> None:
+        """Give up the lock, stay a standby: paused first (`_set`), then the queue is
+        deleted, which lets the next replica take it within `LOCK_RETRY`."""
+        self._log.warning("ha.step_down", reason=reason,
+                          detail="giving up the lock; a standby whose publisher works leads")
+        self._set(LinkState.STANDBY)
+        self._releasing = True
+        channel = self._lock_channel
+
+        def deleted(_frame) -> None:
+            self._releasing = False
+            channel.close()
+        channel.queue_delete(self._names.lock, callback=deleted)
 
     def _abandon(self) -> None:
         """Stop being anything now, and drop the connection; `_closed` reconnects."""

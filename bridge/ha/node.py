@@ -6,7 +6,13 @@
   offers the leader what it missed (`offer`), after the grace period;
 - takeover (the lock is ours): the witness forgets the matched prefix and the
   publisher resumes from there: `ha.takeover` says how many events are filled in;
-- link down: paused at once, whatever the role was.
+- link down: paused at once, whatever the role was;
+- a publisher that does not work (docs/contract.md section 7: a replica that cannot
+  reach the broker can never be leader; the lock is on another connection): a
+  standby whose publisher is not open does not compete for the lock, and a leader
+  whose publisher has made no progress (no confirm while it owed one) for
+  `publish_timeout` gives the lock up, and waits as long again before it competes,
+  so that a standby whose publisher works takes the lock first (`leadership_blocked`).
 
 Every replica also announces `presence` every second (role, since when its stream is
 up), so that a leader whose stream comes back can say in `bridge.connected` which
@@ -45,10 +51,13 @@ class Role(enum.Enum):
 class HaNode:
     """The HA side of one replica: owns the witness, the wrapped spool and the link."""
 
-    def __init__(self, ha_cfg, amqp, spool, metrics, log) -> None:
+    def __init__(self, ha_cfg, amqp, spool, metrics, log, clock=time.monotonic) -> None:
         self.replica = spool.id
+        self._clock = clock
         self._log = log
         self._metrics = metrics
+        self._publish_timeout = ha_cfg.publish_timeout
+        self._gave_up_at: float | None = None     # when we last gave the lock up
         self._inner = spool
         self._identities = Identities()
         self.witness = Witness(spool, ha_cfg.fill_grace)
@@ -112,13 +121,31 @@ class HaNode:
         self._publisher.pause()
         self._metrics.leader.set(0)
         role = Role.STANDBY if state is LinkState.STANDBY else Role.DISCONNECTED
-        if role is Role.STANDBY and self.role is not Role.STANDBY:
+        if role is Role.STANDBY and self.role is Role.LEADER:    # gave the lock up
+            self._gave_up_at = self._clock()
+            self._log.warning("ha.standby", replica=self.replica,
+                              detail="gave up the lock: our publisher does not work")
+        elif role is Role.STANDBY and self.role is not Role.STANDBY:
             self._log.info("ha.standby", replica=self.replica,
                            detail="another replica holds the lock; witnessing it")
         elif role is Role.DISCONNECTED and self.role is Role.LEADER:
             self._log.warning("ha.standby", replica=self.replica,
                               detail="lost the broker: not the leader any more")
         self.role = role
+
+    def leadership_blocked(self) -> str | None:
+        """Why this replica may not be, or stay, the leader now; None if it may."""
+        publisher, now = self._publisher, self._clock()
+        if not self.is_leader:
+            if not publisher.connected:
+                return f"the publisher is {publisher.state.value}, not open"
+            if self._gave_up_at is not None and now - self._gave_up_at < self._publish_timeout:
+                return (f"gave up the lock less than {self._publish_timeout:g} s ago: "
+                        f"another replica first")
+        if now - publisher.progress_at > self._publish_timeout:
+            return (f"the publisher made no progress (no confirm, and events waiting) for "
+                    f"over {self._publish_timeout:g} s (BRIDGE_HA_PUBLISH_TIMEOUT)")
+        return None
 
     def on_message(self, kind: str, body: dict, sender: str) -> None:
         if kind == "confirmed":

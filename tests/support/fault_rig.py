@@ -28,15 +28,17 @@ from tests.support.wait import wait_for
 
 class Rig:
     def __init__(self, test: str, node: RabbitNode, topology: Topology, simulator, bridge,
-                 tmp_path: Path, queue_arguments: dict | None = None) -> None:
+                 tmp_path: Path, queue_arguments: dict | None = None,
+                 url: str | None = None) -> None:
         self.test = test
         self.node = node
+        self.url = url or node.url          # another vhost of the node, or its default
         self.topology = topology
         self._start_simulator = simulator
         self._start_bridge = bridge
         self.tmp_path = tmp_path
-        self.queue = topology.bind("#", url=node.url, arguments=queue_arguments)
-        self.collector = Collector(node.url, self.queue).start()
+        self.queue = topology.bind("#", url=self.url, arguments=queue_arguments)
+        self.collector = Collector(self.url, self.queue).start()
         self.proxies: list[TcpProxy] = []
         self.bridges: list[procs.Proc] = []
 
@@ -59,7 +61,7 @@ class Rig:
 
     def bridge(self, sim: procs.Proc, *, via: TcpProxy | None = None, name: str = "bridge",
                **env: str) -> procs.Proc:
-        env.setdefault("AMQP_URL", self.amqp_url(via) if via else self.node.url)
+        env.setdefault("AMQP_URL", self.amqp_url(via) if via else self.url)
         env["BRIDGE_METRICS_ADDR"] = "127.0.0.1:0"     # a port of its own: see metric()
         proc = self._start_bridge(sim, name=name, **env)
         self.bridges.append(proc)
@@ -166,7 +168,7 @@ class Rig:
         for proxy in self.proxies:
             proxy.close()
         self.collector.stop()
-        self.topology.cleanup(url=self.node.url)
+        self.topology.cleanup(url=self.url)
 
 
 def assert_guarantee(ledger: Ledger, duplicates_allowed: bool = True,

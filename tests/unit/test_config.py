@@ -325,8 +325,12 @@ def test_redact_url_hides_any_password(tail):
 def test_ha_is_off_by_default_and_on_takes_its_tunables(env):
     assert load(env).ha is None
     ha = load({**env, "BRIDGE_HA": "on", "BRIDGE_HA_HEARTBEAT": "4"}).ha
-    assert (ha.heartbeat, ha.fill_grace) == (4, 1.0)
-    assert load({**env, "BRIDGE_HA": "on"}).ha.heartbeat == 2
+    assert (ha.heartbeat, ha.fill_grace, ha.publish_timeout) == (4, 1.0, 8.0)
+    default = load({**env, "BRIDGE_HA": "on"}).ha
+    assert (default.heartbeat, default.publish_timeout) == (2, 4.0)
+    assert load({**env, "BRIDGE_HA": "on", "BRIDGE_HA_PUBLISH_TIMEOUT": "2.5"}).ha \
+        .publish_timeout == 2.5
+    assert "BRIDGE_HA_PUBLISH_TIMEOUT" in config_error({**env, "BRIDGE_HA_PUBLISH_TIMEOUT": "0"})
     assert "BRIDGE_HA_HEARTBEAT" in config_error({**env, "BRIDGE_HA_HEARTBEAT": "1.5"})
     assert "BRIDGE_HA" in config_error({**env, "BRIDGE_HA": "sometimes"})
     assert "BRIDGE_HA_FILL_GRACE" in config_error({**env, "BRIDGE_HA_FILL_GRACE": "0"})

@@ -10,6 +10,7 @@ from bridge.event import Event
 from bridge.ha.link import LinkState
 from bridge.ha.node import HaNode
 from bridge.metrics import Metrics
+from bridge.publisher import State as PublisherState
 from tests.unit.test_ha_witness import FakeSpool
 
 
@@ -25,6 +26,9 @@ class FakePublisher:
     def __init__(self) -> None:
         self.paused = True
         self.notified = 0
+        self.connected = True
+        self.state = PublisherState.OPEN
+        self.progress_at = 0.0
 
     def pause(self) -> None:
         self.paused = True
@@ -46,9 +50,18 @@ class Log:
     warning = info
 
 
-def node():
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def node(clock=None):
     spool, metrics, log = FakeSpool(), Metrics(), Log()
-    ha = HaNode(HaConfig(), AmqpConfig(urls=("amqp://h/",), exchange="ex"), spool, metrics, log)
+    ha = HaNode(HaConfig(publish_timeout=4.0), AmqpConfig(urls=("amqp://h/",), exchange="ex"),
+                spool, metrics, log, clock=clock or Clock())
     ha.link, publisher = FakeLink(), FakePublisher()
     ha.attach(publisher)
     return ha, spool, publisher, log
@@ -120,3 +133,32 @@ def test_events_left_by_a_previous_run_are_on_the_books_before_new_ones():
     ha.witness.leader_published([new_id])
     ha.witness.tick()
     assert spool.confirmed == 0             # the old one is a hole now, not forgotten
+
+
+def test_only_a_replica_whose_publisher_works_may_lead_and_one_that_gave_up_lets_others_first():
+    """docs/contract.md section 7: a replica that cannot reach the broker is never leader,
+    though its HA link (another connection) can: the link asks `leadership_blocked`."""
+    clock = Clock()
+    ha, _, publisher, log = node(clock)
+    publisher.connected, publisher.state = False, PublisherState.CONNECTING
+    assert "not open" in ha.leadership_blocked()        # a standby does not compete
+    publisher.connected, publisher.state = True, PublisherState.OPEN
+    assert ha.leadership_blocked() is None
+
+    ha.on_state(LinkState.LEADER)
+    clock.now = 3.9
+    publisher.connected = False           # reconnecting, still within the bound: keeps it
+    assert ha.leadership_blocked() is None
+    clock.now = 4.1                       # no progress for longer than BRIDGE_HA_PUBLISH_TIMEOUT
+    assert "no progress" in ha.leadership_blocked()
+
+    ha.on_state(LinkState.STANDBY)        # the link gave the lock up
+    assert publisher.paused and not ha.is_leader
+    assert ("ha.standby", {"replica": ha.replica,
+                           "detail": "gave up the lock: our publisher does not work"}) \
+        in log.events
+    publisher.connected, publisher.progress_at = True, 4.5      # open again, idle
+    clock.now = 5.0
+    assert "another replica first" in ha.leadership_blocked()
+    clock.now = 8.2
+    assert ha.leadership_blocked() is None
