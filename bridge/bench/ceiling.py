@@ -9,8 +9,8 @@ nothing else, on the same simulator, broker, queue and consumer as the bridges:
 
 `stream`, the receive limit: websocket-client's handshake, then the bridge's own
 chunked frame reader (bridge/frames.py, the fastest reader this project has; the
-library's `recv` reads a frame in several small reads), counting frames and doing
-nothing with them. `--out` gets {first_sent, last_received, cpu_seconds}.
+library's `recv` reads a frame in several small reads and costs four times the CPU),
+counting frames and doing nothing with them. `--out` gets {first_sent, last_received, cpu_seconds}.
 
 `broker`, the publish limit with pika: first, untimed, it reads the N events from the
 simulator and classifies them (bridge/event.py), so the messages carry the bridge's

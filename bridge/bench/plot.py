@@ -68,7 +68,7 @@ def draw(figures: dict, path: Path) -> None:
             spool.set(ylabel="spool MiB")
             spool.set_ylim(bottom=0)
             spool.legend(loc="lower right", fontsize="small")
-        left.legend(fontsize="small", ncol=len(series))
+        left.legend(fontsize="x-small", ncol=len(series), loc="upper right")
         right.legend(loc="lower left", fontsize="small")
         for ax in (left, right):
             ax.grid(True, alpha=0.3)
