@@ -150,7 +150,7 @@ def parse_retention(text: str) -> str | None:
 def parse_existing_file(text: str) -> Path:
     path = Path(text).expanduser()
     if not path.is_file():
-        raise ValueError(f"no readable file at {path}")
+        raise ValueError("is not a file")
     return path
 
 
