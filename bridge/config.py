@@ -150,7 +150,7 @@ def parse_retention(text: str) -> str | None:
 def parse_existing_file(text: str) -> Path:
     path = Path(text).expanduser()
     if not path.is_file():
-        raise ValueError(f"no readable file at {path}")
+        raise ValueError("is not a file")
     return path
 
 
@@ -211,7 +211,7 @@ STREAM_SETTINGS = (
             parse=parse_stream_url, echo=False),
     Setting("ca_file", "TUTUM_CA_FILE", "CA bundle to verify the stream's TLS certificate",
             parse=parse_existing_file),
-    Setting("ping_interval", "BRIDGE_PING_INTERVAL", "seconds between websocket pings",
+    Setting("ping_interval", "BRIDGE_PING_INTERVAL", "seconds of silence before a websocket ping",
             "5", parse_seconds),
     Setting("ping_timeout", "BRIDGE_PING_TIMEOUT", "seconds to wait for a pong",
             "5", parse_seconds),

@@ -10,6 +10,7 @@ import json
 import re
 import signal
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from bridge.tools.worker import consume
 from tests.support import broker, procs
 from tests.support.wait import wait_for
 
-TIME = re.compile(r"\d\d:\d\d:\d\d\.\d{3}  \S")
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d  \S")
 
 
 def tool_env(topology, **extra: str) -> dict[str, str]:
@@ -67,6 +68,24 @@ def run_worker(topology, patterns, handler, queue, stop: threading.Event, **kw) 
     if thread.is_alive():
         stop.set()
         raise AssertionError("the worker did not stop within 20s")
+
+
+def publish_ids(topology, message_ids) -> None:
+    """Empty container.update messages with these message ids, in this order."""
+    with broker.connect() as conn:
+        channel = conn.channel()
+        for message_id in message_ids:
+            channel.basic_publish(topology.exchange, "container.update", b"{}",
+                                  pika.BasicProperties(message_id=message_id))
+
+
+def recording_until(last: str, calls: list, stop: threading.Event):
+    """A handler noting each message id, which sets `stop` once it has handled `last`."""
+    def handler(message):
+        calls.append(message.message_id)
+        if message.message_id == last:
+            stop.set()
+    return handler
 
 
 def assert_one_line(stderr: str) -> None:
@@ -152,6 +171,19 @@ def test_tail_prints_one_aligned_line_per_matching_event_and_stops_on_sigterm(
     assert "Traceback" not in tail.stderr
 
 
+def test_tail_shows_when_the_bridge_received_an_event_not_when_it_was_printed(
+        tmp_path, topology, processes):
+    """A replay (`--since 2h`) or a backlog drained after an outage prints events
+    received long ago: the time column must say when, or it says nothing."""
+    received = 1700000000
+    tail = start_tail(tmp_path, topology, processes, "--count", "1")
+    with broker.connect() as conn:
+        conn.channel().basic_publish(topology.exchange, "container.update", b"{}",
+                                     pika.BasicProperties(timestamp=received))
+    assert tail.wait(15) == 0, tail.stderr
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(received))
+    assert tail.stdout.startswith(f"{stamp}  container.update"), tail.stdout
+
 def test_tail_json_prints_bodies_byte_exact_and_count_exits_0(tmp_path, topology, processes):
     bodies = [b'{"type": "container",  "action":"update", "name": "caf\xc3\xa9 \xe2\x9c\x93"}',
               b'{"type":"service","action":"create","data":{"n":[1,2.50,{}]}}']
@@ -234,23 +266,13 @@ def test_worker_helper_handles_a_repeat_again_only_to_restore_the_received_order
     after a plain reconnect (nothing older handled since) are skipped."""
     queue = topology.bind("container.*")
     calls, stop = [], threading.Event()
-
-    def handler(message):
-        calls.append(message.message_id)
-        if message.message_id == "s-5":
-            stop.set()
-
     arrivals = ["s-1", "s-3",           # 2 was nacked, 3 accepted meanwhile
                 "s-2", "s-3", "s-4",    # the republish after the nack, in order
                 "s-3", "s-4",           # a republish after a connection loss
                 "other-x", "other-x",   # not a bridge id: plain de-duplication
                 "s-5"]
-    with broker.connect() as conn:
-        channel = conn.channel()
-        for message_id in arrivals:
-            channel.basic_publish(topology.exchange, "container.update", b"{}",
-                                  pika.BasicProperties(message_id=message_id))
-    run_worker(topology, [], handler, queue, stop)
+    publish_ids(topology, arrivals)
+    run_worker(topology, [], recording_until("s-5", calls, stop), queue, stop)
     assert calls == ["s-1", "s-3", "s-2", "s-3", "s-4", "other-x", "s-5"]
     assert broker.queue_depth(queue) == 0
 
@@ -318,6 +340,21 @@ def test_worker_helper_dedupes_by_a_key_of_the_callers_choosing(topology):
                dedupe_key=lambda message: message.headers.get("identity"))
     assert calls == ["a-1", "a-2"]
 
+
+
+def test_worker_helper_setting_stop_leaves_the_messages_not_yet_handled_in_the_queue(topology):
+    """A worker stopping (a deploy, Ctrl-C) must not run its handler on the messages
+    prefetched behind the one in hand: they stay in the queue for the next worker."""
+    queue = topology.bind("container.*")
+    calls, stop = [], threading.Event()
+    publish_ids(topology, [f"m-{n}" for n in range(5)])
+    wait_for(lambda: broker.queue_depth(queue) == 5, 10, what="5 messages queued")
+    run_worker(topology, [], recording_until("m-1", calls, stop), queue, stop)
+    assert calls == ["m-0", "m-1"]
+    wait_for(lambda: broker.queue_depth(queue) == 3, 10,
+             what="the 3 unhandled messages back in the queue")
+    assert [m.properties.message_id for m in broker.drain(queue, count=3)] == \
+        ["m-2", "m-3", "m-4"]
 
 # --- dead letters ------------------------------------------------------------------------
 

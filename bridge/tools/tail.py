@@ -7,9 +7,11 @@ event from a worker. `--queue NAME` reads an existing queue instead (that does t
 the messages); each one is acked only once printed, so `--count N` takes exactly N
 and leaves the rest in the queue.
 
-Output is one line per event and flushed per line, so `tail | grep` works: local
-time, routing key, `state` header and `resource_uri` header in aligned columns (a
-summary for the bridge's own events and for quarantined frames). `--json` prints each
+Output is one line per event and flushed per line, so `tail | grep` works: when the
+bridge received the event (the message's `timestamp`, in local time: a replay or a
+drained backlog shows when things happened, not when they were printed), routing key,
+`state` header and `resource_uri` header in aligned columns (a summary for the
+bridge's own events and for quarantined frames). `--json` prints each
 body instead, exactly as published, one per line.
 
 `--since 10m|2h|1d|first` reads the history stream instead (`BRIDGE_HISTORY`,
@@ -85,6 +87,15 @@ def _clock(epoch: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(epoch)) + f".{int(epoch * 1000) % 1000:03d}"
 
 
+def _received(properties) -> str:
+    """The first column, one word (so `awk '{print $2}'` is the routing key): the
+    bridge's receipt time, whole seconds as AMQP carries it; now for a message
+    published without one."""
+    stamp = properties.timestamp
+    epoch = stamp if isinstance(stamp, int) and stamp > 0 else time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(epoch))
+
+
 def summary(routing_key: str, headers: dict, body: bytes) -> str:
     """The last column: what a person wants to know about this message at a glance."""
     if "x-quarantine-reason" in headers:
@@ -121,7 +132,7 @@ class HumanPrinter:
     def __call__(self, routing_key: str, properties, body: bytes) -> None:
         headers = properties.headers or {}
         self.key_width = max(self.key_width, len(routing_key))
-        line = (f"{_clock(time.time())}  {_printable(routing_key):<{self.key_width}}  "
+        line = (f"{_received(properties)}  {_printable(routing_key):<{self.key_width}}  "
                 f"{_printable(headers.get('state', '')):<{STATE_WIDTH}}  "
                 f"{summary(routing_key, headers, body)}")
         if headers.get("x-republished"):

@@ -37,7 +37,8 @@ What it promises:
   keeps events meanwhile, while `queue=None` uses a temporary queue (fine for
   watching, not for work). A broker that refuses us raises `BrokerRefused`: retrying
   cannot fix a bad password;
-- SIGINT/SIGTERM (main thread), or setting `stop`, returns after the message in hand.
+- SIGINT/SIGTERM (main thread), or setting `stop`, returns after the message in hand;
+  the handler sees none of the messages prefetched behind it, which go back to the queue.
 
 A handler that runs longer than the heartbeat timeout stalls heartbeats: add
 `?heartbeat=600` to the URL, or hand the work to a thread.
@@ -211,6 +212,10 @@ def consume(patterns: Iterable[str], handler: Callable[[Message], object],
 
     def on_message(channel, method, properties, body: bytes) -> None:
         nonlocal offset
+        if request.requested:
+            # Prefetched behind the message that was in hand: left unacked, so the
+            # broker gives it back to its queue when the connection closes.
+            return
         headers = properties.headers or {}
         message = Message(method.routing_key, body, headers, properties.message_id,
                           method.redelivered, headers.get("x-stream-offset"))
