@@ -300,8 +300,10 @@ class HaLink:
         self._log.warning("ha.step_down", reason=reason,
                           detail="giving up the lock; a standby whose publisher works leads")
         self._set(LinkState.STANDBY)
-        self._releasing = True
         channel = self._lock_channel
+        if not channel.is_open:      # closing already: only the connection's end frees it
+            return self._abandon()
+        self._releasing = True
 
         def deleted(_frame) -> None:
             self._releasing = False
