@@ -38,8 +38,11 @@ def podman():
 
 @pytest.fixture(scope="session")
 def image(podman):
+    """The bridge's image, built for this run and removed after it (the stand-in base
+    images are the machine's cache, kept: see tests/support/podman.py)."""
     pm.base_image(podman)
-    return podman.build(ROOT, TAG)
+    yield podman.build(ROOT, TAG)
+    podman.run("rmi", "--force", TAG, check=False, timeout=120)
 
 
 def healthcheck(podman, name: str) -> int:
