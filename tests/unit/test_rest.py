@@ -36,3 +36,15 @@ def test_a_page_links_to_its_neighbours_keeping_the_filters():
     last = page("/api/v1/node/", objects, 2, 4, {})
     assert last["objects"] == [{"n": 4}] and last["meta"]["next"] is None
     assert last["meta"]["previous"] == "/api/v1/node/?limit=2&offset=2"
+
+
+def test_a_long_run_is_folded_a_batch_at_a_time_and_the_latest_state_still_wins(monkeypatch):
+    import json
+    monkeypatch.setattr("bridge.simulator.rest.FOLD_AT", 100)
+    registry = Registry()
+    for n in range(1_000):
+        registry.sent([json.dumps(event("container", f"c{n % 7}", "update", f"S{n}")).encode()
+                       for _ in range(3)])
+        assert len(registry._pending) < 100 + 3     # never a whole backlog folded at once
+    assert registry.get("container", "c5")["state"] == "S999"
+    assert registry.get("container", "c6")["state"] == "S993"
