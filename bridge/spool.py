@@ -51,6 +51,12 @@ bench`: written bytes per event at 1,000 events/s, before and after, in the READ
 
 Events are numbered by a sequence that never goes back, which fixes their order and,
 with the spool's random id, gives each its `message_id`.
+
+Two locks, so the publisher never waits for a commit: `_db_lock` serialises every use
+of the database (appends, deletes, the checkpoint that holds appends) and `_lock`
+guards the counts and the memory window, held only for moments. The publisher reads
+new events and confirms them under `_lock` alone; it takes `_db_lock` only for a
+backlog that has left the window. Order: `_db_lock` before `_lock`, never the reverse.
 """
 
 from __future__ import annotations
@@ -123,7 +129,8 @@ def is_disk_error(exc: BaseException) -> bool:
 
 
 class Spool:
-    """A bounded, ordered, crash-safe queue of events; thread-safe."""
+    """A bounded, ordered, crash-safe queue of events; thread-safe (see the module's
+    docstring for its two locks)."""
 
     def __init__(self, path: Path, max_bytes: int, sync: str = "normal",
                  window: int = 8192, window_bytes: int = 8 * 1024 * 1024, *,
@@ -137,6 +144,7 @@ class Spool:
         self._legacy_headers = legacy_headers or (lambda body: {})
         self._on_error = on_error or (lambda operation, exc: None)
         self._recent_bytes = 0
+        self._db_lock = threading.Lock()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._sync = sync
@@ -159,6 +167,10 @@ class Spool:
         self.previous_run_received_at = (float(self._last_received_at)
                                          if self._last_received_at else None)
         self._recent: deque[tuple[int, Event]] = deque()
+        # For each event of the window, the bytes appended before it (a running total),
+        # so a confirm within the window knows what it frees without a query.
+        self._recent_offsets: deque[int] = deque()
+        self._appended_bytes = 0
         self._closed = False
         self._unwritable = False            # the last append failed for want of disk
         self._rebuilding = False            # see `_rebuild_empty`
@@ -176,16 +188,16 @@ class Spool:
 
         Raises SpoolUnwritable, having stored none of it, when the disk refuses.
         """
-        with self._lock:
-            first = self._next_seq
-            rows = []
-            added = 0
+        with self._db_lock:
+            first = self._next_seq          # only appends move it, under this lock
+            rows, sizes = [], []
             for offset, ev in enumerate(events):
                 headers = marshal.dumps(ev.headers, MARSHAL_VERSION)
                 size = len(ev.body) + len(headers) + ROW_OVERHEAD
-                added += size
+                sizes.append(size)
                 rows.append((first + offset, ev.received_at, ev.quarantined,
                              ev.routing_key, headers, ev.body, size))
+            added = sum(sizes)
             try:
                 if self._rebuilding:
                     raise sqlite3.OperationalError("the spool's files are being rebuilt")
@@ -193,8 +205,10 @@ class Spool:
                 self._db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
                 save_meta = time.monotonic() - self._meta_saved_at >= META_EVERY
                 if save_meta:
-                    self._save_meta(self._bytes + self._undeleted_bytes + added,
-                                    first + len(events) - 1, str(events[-1].received_at))
+                    with self._lock:
+                        total = self._bytes + self._undeleted_bytes + added
+                    self._save_meta(total, first + len(events) - 1,
+                                    str(events[-1].received_at))
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
@@ -203,18 +217,25 @@ class Spool:
                 self._unwritable = True
                 self._on_error("append", exc)
                 raise SpoolUnwritable(str(exc)) from None
-            self._unwritable = False
             if save_meta:
                 self._meta_saved_at = time.monotonic()
-            self._last_received_at = str(events[-1].received_at)
-            self._next_seq = first + len(events)
-            self._bytes += added
-            self._written_since_checkpoint += added
-            self._recent.extend(zip(range(first, self._next_seq), events))
-            self._recent_bytes += sum(len(ev.body) for ev in events)
-            while self._recent and (len(self._recent) > self._window
-                                    or self._recent_bytes > self._window_bytes):
-                self._recent_bytes -= len(self._recent.popleft()[1].body)
+            with self._lock:
+                self._unwritable = False
+                self._last_received_at = str(events[-1].received_at)
+                self._next_seq = first + len(events)
+                self._bytes += added
+                self._written_since_checkpoint += added
+                self._recent.extend(zip(range(first, self._next_seq), events))
+                offset = self._appended_bytes
+                for size in sizes:
+                    self._recent_offsets.append(offset)
+                    offset += size
+                self._appended_bytes = offset
+                self._recent_bytes += sum(len(ev.body) for ev in events)
+                while self._recent and (len(self._recent) > self._window
+                                        or self._recent_bytes > self._window_bytes):
+                    self._recent_bytes -= len(self._recent.popleft()[1].body)
+                    self._recent_offsets.popleft()
             return self._next_seq - 1
 
     def has_room(self) -> bool:
@@ -250,6 +271,7 @@ class Spool:
                 start = from_seq - self._recent[0][0]
                 end = min(start + limit, len(self._recent))
                 return [self._recent[i] for i in range(start, end)]
+        with self._db_lock:
             rows = self._db.execute(
                 "SELECT seq, received_at, quarantined, routing_key, headers, body FROM events "
                 "WHERE seq >= ? ORDER BY seq LIMIT ?", (from_seq, limit)).fetchall()
@@ -273,15 +295,45 @@ class Spool:
         with self._lock:
             if upto_seq <= self._confirmed or self._closed:
                 return
-            freed = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM events "
-                                     "WHERE seq > ? AND seq <= ?",
-                                     (self._confirmed, upto_seq)).fetchone()[0]
-            self._confirmed = upto_seq
-            self._bytes -= freed
-            self._undeleted_bytes += freed
-            if self._unwritable:
+            freed = self._bytes_in_window(self._confirmed, upto_seq)
+            if freed is not None:
+                self._confirmed_upto(upto_seq, freed)
+                if not self._unwritable:
+                    return
+        # A backlog beyond the window, or a full disk: the database has the answer.
+        with self._db_lock:
+            with self._lock:
+                if upto_seq > self._confirmed and not self._closed:
+                    freed = self._db.execute(
+                        "SELECT COALESCE(SUM(size), 0) FROM events WHERE seq > ? AND seq <= ?",
+                        (self._confirmed, upto_seq)).fetchone()[0]
+                    self._confirmed_upto(upto_seq, freed)
+                unwritable = self._unwritable and not self._closed
+            if unwritable:
                 self._delete_confirmed("confirm")
-            self._room.notify_all()
+
+    def _confirmed_upto(self, upto_seq: int, freed: int) -> None:
+        """(`_lock` held.)"""
+        self._confirmed = upto_seq
+        self._bytes -= freed
+        self._undeleted_bytes += freed
+        self._room.notify_all()
+
+    def _bytes_in_window(self, after_seq: int, upto_seq: int) -> int | None:
+        """Bytes of the events after `after_seq` up to `upto_seq` if the window holds
+        them all, else None (`_lock` held)."""
+        if not self._recent:
+            return None
+        oldest = self._recent[0][0]
+        if after_seq + 1 < oldest or upto_seq >= self._next_seq:
+            return None
+
+        def offset(seq: int) -> int:        # the bytes appended before `seq`
+            if seq == self._next_seq:
+                return self._appended_bytes
+            return self._recent_offsets[seq - oldest]
+
+        return offset(upto_seq + 1) - offset(after_seq + 1)
 
     @property
     def confirmed(self) -> int:
@@ -317,7 +369,7 @@ class Spool:
             self._closed = True
             self._room.notify_all()
         self._checkpointer.join(timeout=5)
-        with self._lock:
+        with self._db_lock:
             try:
                 self._delete_confirmed("close")
                 # Remember the sequence even when the spool is empty, so message ids
@@ -349,7 +401,7 @@ class Spool:
         return db
 
     def _rebuild_empty(self) -> None:
-        """Replace the files of a spool whose every event is confirmed (lock held).
+        """Replace the files of a spool whose every event is confirmed (`_db_lock` held).
 
         On a full filesystem a WAL spool can wedge: the WAL cannot grow, and the
         checkpoint that would let it wrap around must grow the database first. While
@@ -365,17 +417,23 @@ class Spool:
         self._db = self._connect()
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('spool_id', ?)", (self.id,))
         self._save_meta(0, self._next_seq - 1, self._last_received_at)
-        self._deleted = self._confirmed
-        self._bytes = self._undeleted_bytes = self._recent_bytes = 0
-        self._recent.clear()
-        self._unwritable = self._rebuilding = False
-        self._room.notify_all()
+        with self._lock:
+            self._deleted = self._confirmed
+            self._bytes = self._undeleted_bytes = self._recent_bytes = 0
+            self._recent.clear()
+            self._recent_offsets.clear()
+            self._unwritable = self._rebuilding = False
+            self._room.notify_all()
 
     def _delete_confirmed(self, operation: str) -> bool:
-        """Delete the rows up to `_confirmed` (lock held); False if the disk refused."""
-        upto = self._confirmed
-        if upto <= self._deleted:
-            return True
+        """Delete the confirmed rows (`_db_lock` held); False if the disk refused."""
+        with self._lock:
+            upto = self._confirmed
+            if upto <= self._deleted:
+                return True
+            # What the table holds once they are gone (no append runs meanwhile; rows
+            # confirmed meanwhile stay until the next delete).
+            remaining, undeleted = self._bytes, self._undeleted_bytes
         try:
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM events WHERE seq <= ?", (upto,))
@@ -383,7 +441,7 @@ class Spool:
             # now would reuse sequence numbers, hence message ids, after the restart.
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
                              (str(self._next_seq),))
-            self._save_meta(self._bytes, self._next_seq - 1, self._last_received_at)
+            self._save_meta(remaining, self._next_seq - 1, self._last_received_at)
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -392,12 +450,13 @@ class Spool:
             self._maintenance_failed(operation, exc)
             self._on_error(operation, exc)
             return False
-        self._deleted = upto
-        self._undeleted_bytes = 0
         self._meta_saved_at = time.monotonic()
-        self._unwritable = False            # room was made: the next append may fit
-        self._written_since_checkpoint += 1     # the deletes are in the WAL too
-        self._room.notify_all()
+        with self._lock:
+            self._deleted = upto
+            self._undeleted_bytes -= undeleted
+            self._unwritable = False            # room was made: the next append may fit
+            self._written_since_checkpoint += 1     # the deletes are in the WAL too
+            self._room.notify_all()
         return True
 
     def _maintenance_failed(self, operation: str, exc: Exception) -> None:
@@ -428,6 +487,9 @@ class Spool:
                                     RETRY_EVERY if failing else CHECKPOINT_EVERY)
                 if self._closed:
                     break
+            with self._db_lock:
+                if self._closed:
+                    break
                 if failing and self._confirmed == self._next_seq - 1:
                     if db is not None:
                         db.close()
@@ -439,6 +501,7 @@ class Spool:
                         self._on_error("rebuild", exc)
                         continue
                 retried = self._delete_confirmed("delete")
+            with self._lock:
                 written = self._written_since_checkpoint
                 since = time.monotonic() - last
                 due = failing or (written and (written < CHECKPOINT_BURST_BYTES
@@ -453,7 +516,7 @@ class Spool:
                                          check_same_thread=False)
                 [(_, wal_frames, _)] = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 if wal_frames * self._page_size > WAL_RESTART_BYTES:
-                    with self._lock:
+                    with self._db_lock:         # appends held; the publisher reads on
                         db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error as exc:
                 failing = True

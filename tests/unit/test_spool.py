@@ -234,3 +234,34 @@ def test_the_wal_stays_bounded_under_a_steady_stream_of_small_appends(tmp_path, 
     spool.close()
     assert n > 2000                       # enough appends to grow an unbounded WAL
     assert largest < 12 * 1024 * 1024, f"the WAL reached {largest} bytes after {n} appends"
+
+
+def test_confirms_within_the_window_count_the_same_bytes_as_the_rows(tmp_path):
+    spool = Spool(tmp_path / "spool.sqlite3", 1 << 30, window=50)
+    for batch in range(10):
+        spool.append([event(batch * 10 + n, size=n * 37) for n in range(10)])
+    for upto in (3, 4, 17, 45, 60, 99, 100):   # some in the window, some behind it
+        spool.confirm(upto)
+        rows = sqlite3.connect(spool.path).execute(
+            "SELECT COALESCE(SUM(size), 0) FROM events WHERE seq > ?", (upto,)).fetchone()[0]
+        assert spool.bytes == rows and spool.pending == 100 - upto
+    spool.close()
+
+
+def test_the_publisher_reads_and_confirms_new_events_while_a_commit_runs(tmp_path):
+    import threading
+    spool = Spool(tmp_path / "spool.sqlite3", 1 << 30)
+    spool.append([event(n) for n in range(10)])
+    seen = []
+
+    def publisher():
+        seen.extend(seq for seq, _ in spool.read(1, 100))
+        spool.confirm(5)
+
+    with spool._db_lock:                # what a slow commit holds
+        reader = threading.Thread(target=publisher, daemon=True)
+        reader.start()
+        reader.join(5)
+        assert not reader.is_alive(), "the publisher waited for the commit"
+    assert seen == list(range(1, 11)) and spool.pending == 5
+    spool.close()
