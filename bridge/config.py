@@ -2,10 +2,12 @@
 
 Each setting has an environment variable and a matching command-line flag; the flag
 wins. `load` validates everything at start, so a bad value is one clear line and exit
-code 2 before anything connects anywhere. Nothing else in the package reads
+code 2 before anything connects anywhere. Nothing else in the bridge reads
 `os.environ`: settings come through `load` or `from_environment`, and the verbs that
 start child processes (demo, bench, the secret-flag re-exec) copy the environment
-with `child_environment`.
+with `child_environment`. The one exception is the pytest plugin `bridge.testing`,
+which runs in a worker's test session, not in the bridge, and reads its own
+`TUTUM_TEST_*` variables (docs/contract.md section 10).
 
 Secrets (the API key, `TUTUM_AUTH`, the AMQP password) are kept in the returned
 `Config` but never in its `repr`, and `redact_url` is the only way a URL reaches a log.

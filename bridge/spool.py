@@ -46,8 +46,8 @@ whole pages to the WAL, so what a transaction touches, not what it adds, sets th
 cost. An append touches the last page of `events`; it updates `meta` (two more
 pages: the table and its key's index) at most once every META_EVERY seconds, and
 what that leaves unsaid (the byte total, the last time the stream was heard from)
-is recovered at open from the rows after `bytes_seq`. Measured with `tutum-bridge
-bench`: written bytes per event at 1,000 events/s, before and after, in the README.
+is recovered at open from the rows after `bytes_seq`. Written bytes per event at
+2,000 events/s (`tutum-bridge bench --soak`), before and after: in the README.
 
 Events are numbered by a sequence that never goes back, which fixes their order and,
 with the spool's random id, gives each its `message_id`.
