@@ -288,9 +288,9 @@ class Spool:
     def confirm(self, upto_seq: int) -> None:
         """The broker confirmed every event up to `upto_seq`: forget them.
 
-        They are not read again; the maintenance thread deletes their rows (at once
-        here if the stream waits for room). If the disk cannot take the DELETE, it is
-        retried.
+        They are not read again, and the counts and the bound see it at once; the
+        maintenance thread deletes their rows (here, at once, on a full disk, where
+        only that makes room). If the disk cannot take the DELETE, it is retried.
         """
         with self._lock:
             if upto_seq <= self._confirmed or self._closed:
@@ -313,7 +313,8 @@ class Spool:
                 self._delete_confirmed("confirm")
 
     def _confirmed_upto(self, upto_seq: int, freed: int) -> None:
-        """(`_lock` held.)"""
+        """Count a confirm, `freed` bytes no longer waiting, and wake whoever waits for
+        room (`_lock` held); the rows go at the next delete."""
         self._confirmed = upto_seq
         self._bytes -= freed
         self._undeleted_bytes += freed

@@ -2,13 +2,14 @@
 
 A real SQLite file in a temporary directory; a full disk is SQLite's own SQLITE_FULL,
 caused by capping the database's page count (`PRAGMA max_page_count`), which is
-what SQLite reports for ENOSPC too. The real full filesystem is tests/test_disk_full.py.
+what SQLite reports for ENOSPC too. The real full filesystem is in tests/test_faults_stream.py.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -249,7 +250,6 @@ def test_confirms_within_the_window_count_the_same_bytes_as_the_rows(tmp_path):
 
 
 def test_the_publisher_reads_and_confirms_new_events_while_a_commit_runs(tmp_path):
-    import threading
     spool = Spool(tmp_path / "spool.sqlite3", 1 << 30)
     spool.append([event(n) for n in range(10)])
     seen = []
