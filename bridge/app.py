@@ -87,16 +87,16 @@ class Bridge:
                               on_fatal=self._on_broker_fatal, log=logging_.get("publisher"),
                               metrics=self.metrics, beat=publisher_heart.beat,
                               paused=ha is not None)
-        if ha:
-            ha.attach(publisher)
-        else:
-            self.metrics.leader.set(1)
-        self.ha = ha
         stream_heart = self.live.heart("stream", stream_budget(cfg.stream))
         sink = SpoolingSink(spooled, publisher.notify, self.metrics, logging_.get("stream"),
                             max_frame_bytes=cfg.stream.max_frame_bytes,
                             stream_url=cfg.stream.redacted_url, beat=stream_heart.beat)
         stream = StreamReader(cfg.stream, sink, logging_.get("stream"), beat=stream_heart.beat)
+        if ha:
+            ha.attach(publisher, stream.pace)
+        else:
+            self.metrics.leader.set(1)
+        self.ha = ha
         self._observe(spool, publisher, stream)
         server = self._start_metrics(spool, stream, publisher)
         self._log.info("bridge.starting", exchange=cfg.amqp.exchange, stream=cfg.stream.redacted_url,

@@ -8,7 +8,7 @@ import json
 from bridge.config import AmqpConfig, HaConfig
 from bridge.event import Event
 from bridge.ha.link import LinkState
-from bridge.ha.node import HaNode
+from bridge.ha.node import STANDBY_GATHER, HaNode
 from bridge.metrics import Metrics
 from bridge.publisher import State as PublisherState
 from tests.unit.test_ha_witness import FakeSpool
@@ -29,6 +29,7 @@ class FakePublisher:
         self.connected = True
         self.state = PublisherState.OPEN
         self.progress_at = 0.0
+        self.stream_paces: list[float] = []    # what the node set the stream's pace to
 
     def pause(self) -> None:
         self.paused = True
@@ -63,7 +64,7 @@ def node(clock=None):
     ha = HaNode(HaConfig(publish_timeout=4.0), AmqpConfig(urls=("amqp://h/",), exchange="ex"),
                 spool, metrics, log, clock=clock or Clock())
     ha.link, publisher = FakeLink(), FakePublisher()
-    ha.attach(publisher)
+    ha.attach(publisher, publisher.stream_paces.append)
     return ha, spool, publisher, log
 
 
@@ -107,6 +108,16 @@ def test_a_standby_offers_nothing_when_not_asked_and_losing_the_link_pauses_the_
     assert ("ha.standby" in [e for e, _ in log.events])
     ha.on_message("offer", {"events": [offer_of(standby_event(b"{}"))]}, "x")
     assert ha.spool.last_seq == 0           # only a leader takes offers
+
+
+def test_only_the_leader_reads_its_stream_frame_by_frame():
+    ha, _spool, publisher, _log = node()
+    assert publisher.stream_paces == [STANDBY_GATHER]      # created before any role
+    ha.on_state(LinkState.STANDBY)
+    ha.on_state(LinkState.LEADER)
+    assert publisher.stream_paces[-1] == 0.0 and not publisher.paused
+    ha.on_state(LinkState.CLOSED)                            # lost the broker
+    assert publisher.stream_paces[-1] == STANDBY_GATHER and publisher.paused
 
 
 def test_a_leaders_reconnection_says_which_standbys_covered_the_gap():
