@@ -88,6 +88,8 @@ def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
     assert ha["duplicates"] == 0                # one leader publishes each event once
     assert ha["standby"]["cpu_seconds_per_10k"] > 0   # the witness read the burst too
     assert report["ratios"]["real-ha/real"]["burst"] > 0
+    steady = report["bridges"]["real-ha"]["latency"]
+    assert steady["cpu_seconds_per_10k"] > 0 and steady["standby"]["cpu_seconds_per_10k"] >= 0
 
     soak = report["bridges"]["real"]["soak"]
     assert soak["events"] == 1000 and soak["duplicates"] == 0

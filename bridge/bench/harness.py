@@ -125,11 +125,17 @@ class Bench:
             with self.session(bridge, "latency", count, "--rate", str(s.rate),
                               *_sim_flags(bridge), buckets=LATENCY_SAMPLE) as session:
                 sampler = self.sampler(session, LATENCY_SAMPLE)
+                meters = {"bridge": session.meter, "standby": session.standby_meter}
+                before = {k: m.cpu() for k, m in meters.items() if m}
                 got = self.deliver(session, count, tick=sampler.tick)
+                cpu = {k: (meters[k].cpu() - v) * 10_000 / count for k, v in before.items()}
                 figures["latency"] = {"rate": s.rate, "events": count,
                                       "latency_ms": got["latency_ms"],
+                                      "cpu_seconds_per_10k": cpu["bridge"],
                                       "peak_rss_bytes": session.meter.peak_rss(),
                                       "samples": join(sampler.samples, got["buckets"])}
+                if "standby" in cpu:
+                    figures["latency"]["standby"] = {"cpu_seconds_per_10k": cpu["standby"]}
                 if not s.skip_idle:
                     figures["idle"] = self.idle(session)
         elif not s.skip_idle:

@@ -52,8 +52,12 @@ def ratios(figures: dict) -> dict:
     if HA in figures:
         ha, cpu = figures[HA], _get("burst", "cpu_seconds_per_10k")
         standby = _get("burst", "standby", "cpu_seconds_per_10k")(ha)
+        steady = _get("latency", "cpu_seconds_per_10k")
         out[f"{HA}/real"] = {"burst": _ratio(ha, real, burst), "cpu_per_event": _ratio(ha, real, cpu),
-                             "standby_cpu_per_event": _div(standby, cpu(real))}
+                             "standby_cpu_per_event": _div(standby, cpu(real)),
+                             "standby_cpu_per_event_at_rate": _div(
+                                 _get("latency", "standby", "cpu_seconds_per_10k")(ha),
+                                 steady(real))}
     return out
 
 
@@ -86,8 +90,11 @@ def table(figures: dict) -> str:
         line = f"{pair}: burst throughput {burst}, CPU per event {cpu}"
         if "standby_cpu_per_event" in r:
             standby = r["standby_cpu_per_event"]
+            at_rate = r["standby_cpu_per_event_at_rate"]
             line += (", the standby's CPU per event "
-                     + ("-" if standby is None else f"{standby:.2f}x") + " the single bridge's")
+                     + ("-" if standby is None else f"{standby:.2f}x") + " the single bridge's"
+                     + " (at the latency run's rate "
+                     + ("-" if at_rate is None else f"{at_rate:.2f}x") + ")")
         lines.append(line)
     backlog = figures.get("real", {}).get("backlog")
     if backlog:
