@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -96,3 +97,61 @@ def test_stop_while_waiting_for_the_auth_frame_reports_no_connection():
         thread.join(10)
         assert not thread.is_alive() and time.monotonic() - began < 2
     assert sink.calls == []
+
+
+@dataclass
+class Spaced(Frame):
+    """A frame sent `pause` seconds after the one before: shapes traffic only."""
+
+    pause: float = 0.0
+
+    def chunks(self):
+        time.sleep(self.pause)
+        yield from super().chunks()
+
+
+class BatchSink(RecordingSink):
+    """Also counts the frames handed over between flushes."""
+
+    def __init__(self, expect: int) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        self._open = 0
+        self.expect = expect
+        self.all_in = threading.Event()
+
+    def frame(self, payload, binary, size, oversize, received_at) -> None:
+        super().frame(payload, binary, size, oversize, received_at)
+        self._open += 1
+
+    def flush(self) -> None:
+        if self._open:
+            self.batches.append(self._open)
+            self._open = 0
+        if sum(self.batches) >= self.expect:
+            self.all_in.set()
+
+
+def paced_batches(gather: float, count: int, pause: float) -> list[int]:
+    events = [json.dumps({"type": "container", "n": i}).encode() for i in range(count)]
+    sink = BatchSink(count)
+    with HostileServer([Script([Spaced(e, pause=pause) for e in events])]) as server:
+        reader = reader_for(f"{server.url}/v1/events", sink)
+        reader.pace(gather)
+        thread = run_in_thread(reader)
+        assert sink.all_in.wait(20)
+        reader.stop()
+        thread.join(10)
+    assert [p for kind, p in sink.calls if kind == "frame"] == events   # all, in order
+    return sink.batches
+
+
+def test_a_paced_reader_takes_frames_that_come_fast_in_batches():
+    # 40 frames over about 0.2 s, read at most every 0.1 s: a handful of batches.
+    assert len(paced_batches(0.1, 40, 0.005)) <= 8
+    # Unpaced, the same frames are read nearly one at a time.
+    assert len(paced_batches(0.0, 40, 0.005)) >= 20
+
+
+def test_a_paced_reader_reads_frames_further_apart_than_its_pace_at_once():
+    assert paced_batches(0.1, 4, 0.3) == [1, 1, 1, 1]
