@@ -3,6 +3,7 @@ message's properties and however many frames its body takes."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pika
@@ -45,3 +46,34 @@ def test_every_body_arrives_intact_in_order_and_stamps_are_read_from_its_tail():
 def test_a_missing_queue_is_a_clear_error():
     with pytest.raises(ConsumerError, match="NOT_FOUND"):
         BodyConsumer(AMQP_URL, unique("t-no-such-queue"), lambda body: None)
+
+
+def test_a_consumer_that_only_receives_keeps_its_connection_alive_with_heartbeats():
+    """While deliveries keep coming the broker sends no heartbeat of its own, and a
+    consumer without acks sends nothing: with a 1 s heartbeat the broker drops such a
+    silent client after about 2 s, so 5 s of deliveries need its own beats."""
+    queue, count = unique("t-bench-consumer-beats"), 250
+    with connect() as conn:
+        channel = conn.channel()
+        channel.queue_declare(queue)
+        try:
+            got: list[bytes] = []
+            consumer = BodyConsumer(AMQP_URL + "?heartbeat=1", queue, got.append)
+
+            def publish() -> None:
+                with connect() as producer:
+                    out = producer.channel()
+                    for n in range(count):
+                        out.basic_publish("", queue, b"%d" % n)
+                        producer.sleep(0.02)        # deliveries spread over 5 s
+
+            thread = threading.Thread(target=publish)
+            thread.start()
+            try:
+                consumer.consume_until(time.monotonic() + 30, lambda: len(got) == count)
+            finally:
+                thread.join(30)
+                consumer.close()
+            assert got == [b"%d" % n for n in range(count)]
+        finally:
+            channel.queue_delete(queue)

@@ -33,7 +33,7 @@ import socket
 import struct
 import time
 from array import array
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pika.frame
 import pika.spec
@@ -129,7 +129,10 @@ class BodyConsumer:
 
     Setup frames are built and decoded with pika's spec; deliveries are split into
     frames here, reading only what the body needs (a delivery is a method frame, a
-    content header with the body's size, then body frames). Heartbeats are answered.
+    content header with the body's size, then body frames). A consumer without acks
+    sends nothing while it consumes, so it sends heartbeats on its own clock, or the
+    broker would close the connection as dead after two heartbeat intervals (the
+    `heartbeat` of the URL's query if given, else the broker's).
     """
 
     def __init__(self, amqp_url: str, queue: str, on_body) -> None:
@@ -142,6 +145,8 @@ class BodyConsumer:
         self._size = 0                  # the body being received: its size, and its parts
         self._parts: list[bytes] = []
         self._got = 0
+        self._beat_every: float | None = None       # seconds between our heartbeats
+        self._beat_due = 0.0
         user, password = unquote(url.username or "guest"), unquote(url.password or "guest")
         self._sock.sendall(b"AMQP\x00\x00\x09\x01")
         self._expect(pika.spec.Connection.Start)
@@ -149,8 +154,13 @@ class BodyConsumer:
             client_properties={"product": "tutum-bridge bench consumer"}, mechanism="PLAIN",
             response=f"\0{user}\0{password}", locale="en_US"))
         tune = self._expect(pika.spec.Connection.Tune)
+        asked = parse_qs(url.query).get("heartbeat")
+        heartbeat = int(asked[0]) if asked else tune.heartbeat
         self._send(0, pika.spec.Connection.TuneOk(channel_max=1, frame_max=tune.frame_max,
-                                                  heartbeat=tune.heartbeat))
+                                                  heartbeat=heartbeat))
+        if heartbeat:
+            self._beat_every = heartbeat / 2
+            self._beat_due = time.monotonic() + self._beat_every
         self._send(0, pika.spec.Connection.Open(virtual_host=unquote(url.path[1:]) or "/"))
         self._expect(pika.spec.Connection.OpenOk)
         self._send(1, pika.spec.Channel.Open())
@@ -161,14 +171,18 @@ class BodyConsumer:
     def consume_until(self, deadline: float, done) -> None:
         """Hand over bodies until `deadline` (time.monotonic) or until `done()`."""
         while not done():
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            if self._beat_every and now >= self._beat_due:
+                self._sock.sendall(_HEARTBEAT)
+                self._beat_due = now + self._beat_every
+            left = deadline - now
             if left <= 0:
                 return
-            self._sock.settimeout(left)
+            self._sock.settimeout(min(left, self._beat_due - now) if self._beat_every else left)
             try:
                 data = self._sock.recv(256 * 1024)
             except socket.timeout:
-                return
+                continue
             if not data:
                 raise ConsumerError("the broker closed the connection")
             self._buf += data

@@ -350,10 +350,17 @@ class Bench:
 
     def deliver(self, session: Session, expect: int,
                 tick: Callable[[], None] | None = None) -> dict:
-        """The consumer's results once it has every event, printing progress each second."""
-        return self._follow(session, expect, "delivered", session.results.exists,
-                            lambda: _read_json(session.progress).get("count", 0),
-                            lambda: _read_json(session.results), tick)
+        """The consumer's results once it has every event, printing progress each second.
+
+        The consumer also writes its results when it ends early (its connection
+        closed, a signal): those are a failed run, not a shorter one."""
+        got = self._follow(session, expect, "delivered", session.results.exists,
+                           lambda: _read_json(session.progress).get("count", 0),
+                           lambda: _read_json(session.results), tick)
+        if got["count"] < expect:
+            raise BenchError(f"{session.name}: the consumer ended with {got['count']}/{expect} "
+                             f"delivered; its last output: {session.consumer.last_line()}")
+        return got
 
     def wait_spooled(self, session: Session, expect: int) -> None:
         """Until the simulator has sent all and the bridge has stopped working on them."""
