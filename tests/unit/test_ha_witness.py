@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 from bridge.event import Event
@@ -71,6 +72,20 @@ def test_identical_bodies_are_numbered_and_the_count_ends_with_the_window():
     assert ids.has(second) and not ids.has(first[:-1] + "3")
     clock.now += 61
     assert ids.of(b"same").endswith("-1")
+
+
+def test_a_minute_of_identities_adds_nothing_for_the_garbage_collector_to_walk():
+    # A busy stream keeps ~100,000 identities; a full collection walks every object
+    # the collector tracks, so those entries must not be among them.
+    ids = Identities(clock=Clock())
+    gc.collect()
+    before = len(gc.get_objects())
+    for n in range(10_000):
+        ids.of(b"body %d" % n)
+        ids.of(b"body %d" % n)
+    gc.collect()
+    assert len(ids) == 10_000
+    assert len(gc.get_objects()) - before < 100
 
 
 def test_every_replica_gives_the_same_stream_the_same_identities():
