@@ -181,6 +181,9 @@ def test_the_same_seed_gives_the_same_bytes_and_another_seed_does_not(simulator,
     one = first_frames("--seed", "11", name="one")
     assert first_frames("--seed", "11", name="two") == one
     assert first_frames("--seed", "12", name="three")[2:] != one[2:]
+    # A stream built before listening is the same stream (the greeting's datetimes are
+    # the world's time at the end of it).
+    assert first_frames("--seed", "11", "--prebuild", name="four")[2:] == one[2:]
 
 
 def test_parents_exist_before_their_children_and_outlive_them(simulator, connect):
@@ -484,6 +487,7 @@ def test_sigterm_stops_promptly_with_exit_0_even_with_a_stalled_client(simulator
     (["--keyfile", __file__], "--keyfile needs --certfile"),
     (["--stall-seconds", "3"], "--stall-seconds needs --stall-after"),
     (["--replay", "/nonexistent/file.jsonl"], "--replay"),
+    (["--prebuild"], "--prebuild needs --count"),
 ])
 def test_bad_options_are_one_line_and_exit_2(flags, message):
     result = subprocess.run([sys.executable, "-m", "bridge", "simulate", *flags],

@@ -76,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 5)")
     parser.add_argument("--count", type=_positive, metavar="N",
                         help="stop after N events in all (connections stay open, silent)")
+    parser.add_argument("--prebuild", action="store_true",
+                        help="with --count, build the whole stream before listening, so "
+                        "no event is generated while it streams (for benchmarks: a burst "
+                        "then measures the client, not the event generator; the "
+                        "greeting's datetimes are the world's time at the end)")
     parser.add_argument("--seed", type=_arg(int, "seed"),
                         help="seed of the event generator: the same seed, the same stream")
     parser.add_argument("--sequence", action="store_true",
@@ -116,6 +121,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--clients needs --fanout")
     if args.fanout and args.stall_after:
         raise ConfigError("--stall-after is not supported with --fanout")
+    if args.prebuild and not args.count:
+        raise ConfigError("--prebuild needs --count")
     if not values["user"] or not values["apikey"]:
         raise ConfigError("empty user name or API key")
 
@@ -134,8 +141,11 @@ def main(args: argparse.Namespace) -> int:
         stall_seconds=args.stall_seconds or 30.0, ready_file=args.ready_file,
         certfile=args.certfile, keyfile=args.keyfile, seed=seed, fanout=args.fanout,
         clients=args.clients)
+    stream = frames(bodies, args.count, args.malformed_every)
+    if args.prebuild:
+        stream = iter(list(stream))
     simulator = Simulator(
         settings, Credentials(values["user"], values["apikey"], values["auth"]),
-        Source(frames(bodies, args.count, args.malformed_every)), clock)
+        Source(stream), clock)
     asyncio.run(simulator.serve())
     return EXIT_OK
