@@ -183,11 +183,13 @@ def event_headers(obj: dict, type_word: str, action_word: str) -> dict[str, obje
     return headers
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=1024)
 def _parent_header(uri: str) -> tuple[str, str] | None:
     """(`parent-<kind>`, id) for a parent's URI. Cached: the same services, stacks and
     nodes are the parents of event after event, and the regex and the routing word
-    were most of the cost of an event's headers."""
+    were most of the cost of an event's headers. An entry is about 350 bytes; over
+    300,000 simulated events, 256 entries hit as often as 8,192 (98%: the misses are
+    first sightings), and 8,192 took 3 MB that a soak read as growth."""
     match = _PARENT_URI.match(uri)
     if match is None:
         return None
