@@ -199,11 +199,16 @@ class WitnessedSpool:
         self._append_lock = threading.Lock()
 
     def append(self, events: list[Event]) -> int:
+        unnamed = []
         for ev in events:
             if ev.routing_key.startswith("bridge.") and self._is_own(ev):
                 self._on_lifecycle(ev)
             elif identity.HEADER not in ev.headers:
-                ev.headers[identity.HEADER] = self._identities.of(ev.body)
+                unnamed.append(ev)
+        if unnamed:
+            names = self._identities.of_all([ev.body for ev in unnamed])
+            for ev, name in zip(unnamed, names):
+                ev.headers[identity.HEADER] = name
         with self._append_lock:
             last = self._spool.append(events)
             late = self._witness.appended(last - len(events) + 1, events)

@@ -89,9 +89,12 @@ def test_a_minute_of_identities_adds_nothing_for_the_garbage_collector_to_walk()
 
 
 def test_every_replica_gives_the_same_stream_the_same_identities():
-    a, b = Identities(clock=Clock()), Identities(clock=Clock())
+    a, b, c = Identities(clock=Clock()), Identities(clock=Clock()), Identities(clock=Clock())
     bodies = [b"x", b"y", b"x", b"z", b"x"]
-    assert [a.of(body) for body in bodies] == [b.of(body) for body in bodies]
+    one_by_one = [a.of(body) for body in bodies]
+    assert one_by_one == [b.of(body) for body in bodies]
+    # Named a read at a time, repeats within one read included: the same names.
+    assert c.of_all(bodies[:3]) + c.of_all(bodies[3:]) == one_by_one
 
 
 def test_a_standby_forgets_what_the_leader_published_and_offers_what_it_missed():
