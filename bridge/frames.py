@@ -28,8 +28,8 @@ TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 EXCERPT_KEEP = 64 * 1024     # bytes of an oversize message kept for the quarantine
 # Below glibc's mmap threshold (128 KiB): a larger transient buffer is mapped, and
 # freeing it raises the threshold, so later ones come from the heap and leave it
-# fragmented (measured: +5 MB of RSS in the first minutes of a soak at 256 KiB, none at
-# this size). A read still takes hundreds of frames.
+# fragmented (measured: glibc's heap grew 5 MB in the first minutes of a soak at 256 KiB,
+# about 1 MB at this size). A read still takes hundreds of frames.
 _READ_CHUNK = 64 * 1024
 _CONSUMED = object()         # a fragment was consumed; the message is not complete yet
 
