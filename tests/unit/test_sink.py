@@ -35,7 +35,10 @@ def test_a_full_disk_blocks_the_stream_keeps_the_batch_and_stores_it_when_room_r
     flushing.join(1.0)
     assert flushing.is_alive(), "the stream thread must wait, not drop or raise"
     assert metrics.registry.get_sample_value("tutum_bridge_backpressure") == 1 and spool.unwritable
-    spool._db.execute("PRAGMA max_page_count=1000000")
+    # Under the spool's own lock: the waiting sink retries its append on this
+    # connection, and a PRAGMA between its BEGIN and COMMIT ends that transaction.
+    with spool._db_lock:
+        spool._db.execute("PRAGMA max_page_count=1000000")
     flushing.join(10)
     assert not flushing.is_alive()
     stored = [ev.body for _, ev in spool.read(1, 100)]
