@@ -130,6 +130,26 @@ def test_leader_stream_cut_is_covered_by_the_standby(rig):
     assert standby.info["replica"] in reconnected[-1]["gap"]["covered_by"]
 
 
+def test_a_leader_stream_cut_that_nothing_follows_is_covered_too(rig):
+    """The leader's websocket drops and the stream then falls quiet: no later event
+    shows the standby that the leader missed what came before it. The leader, back and
+    caught up, says it has received nothing for a while; the standby offers what it
+    holds beyond the leader's last event: lost = 0, and no wait for the next event."""
+    sim = rig.simulator("--fanout", "--rate", RATE, "--count", "1200")
+    stream_proxy = rig.proxy(sim.info["port"])
+    leader, standby = rig.pair(sim, leader_stream=stream_proxy)
+    rig.wait_sent(sim, 400)
+    stream_proxy.pause("refuse")
+    rig.wait_sent(sim, 1200)            # the rest happened while the leader was away
+    stream_proxy.resume()
+
+    ledger = rig.settle(sim, 1200, timeout=30)
+    assert ledger.lost == 0, ledger.summary()
+    assert ledger.unexplained_duplicates == 0, ledger.summary()
+    assert same_identity(rig.collector.messages)
+    assert rig.log_events(leader, "ha.gap_filled")
+
+
 def test_leader_cut_off_the_broker_standby_takes_over_old_leader_stays_standby(rig):
     """The leader reaches the broker through a proxy that refuses it for a while: the
     standby takes over, nothing is lost, and the old leader, once back, is a standby

@@ -17,8 +17,10 @@
   so that a standby whose publisher works takes the lock first (`leadership_blocked`).
 
 Every replica also announces `presence` every second (role, since when its stream is
-up), so that a leader whose stream comes back can say in `bridge.connected` which
-standbys covered the gap (`gap.covered_by`).
+up, events not yet confirmed, seconds since its stream last brought one), so that a
+leader whose stream comes back can say in `bridge.connected` which standbys covered
+the gap (`gap.covered_by`), and a standby knows when the leader is caught up and its
+own unmatched tail is a gap that no later event may reveal (`Witness.tick`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class HaNode:
         self.role = Role.STARTING
         self._publisher = None
         self._pace_stream = lambda _gather: None
+        self._grace = ha_cfg.fill_grace
         self._peers: dict[str, dict] = {}
         self._streaming_since: float | None = None
         self._last_presence = 0.0
@@ -168,16 +171,26 @@ class HaNode:
 
     def on_tick(self) -> None:
         if self.role is Role.STANDBY:
-            holes = self.witness.tick()
+            holes = self.witness.tick(leader_caught_up=self._leader_caught_up())
             if holes:
                 self._offer(holes)
         now = time.monotonic()
         if now - self._last_presence >= PRESENCE_EVERY:
             self._last_presence = now
             self.link.send("presence", {"role": self.role.value,
-                                        "streaming_since": self._streaming_since})
+                                        "streaming_since": self._streaming_since,
+                                        "pending": self._inner.pending,
+                                        "quiet": round(self.spool.quiet_for(), 3)})
             for sender in [s for s, p in self._peers.items() if now - p["heard"] > 60]:
                 del self._peers[sender]
+
+    def _leader_caught_up(self) -> bool:
+        """A leader heard lately whose stream is up, whose spool is empty and whose
+        stream has brought nothing for the grace period: it is not merely behind."""
+        now = time.monotonic()
+        return any(p.get("role") == Role.LEADER.value and now - p["heard"] < PEER_FRESH
+                   and p.get("streaming_since") is not None and p.get("pending") == 0
+                   and (p.get("quiet") or 0) >= self._grace for p in self._peers.values())
 
     # --- roles ------------------------------------------------------------------------
 

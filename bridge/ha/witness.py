@@ -8,7 +8,12 @@ published. What it cannot match is one of two things:
 - a *hole*: an event older than one the leader published, which the leader therefore
   never had (its stream dropped while ours stayed up). After `grace` seconds the
   standby offers it to the leader, which spools and publishes it (`offers`);
-- the tail: events the leader has not published *yet*.
+- the tail: events the leader has not published *yet*, or never had: a gap at the
+  end of a burst, with nothing after it to show it. So once the leader says it is
+  caught up (its stream up, its spool empty, nothing received for `grace` seconds:
+  `tick(leader_caught_up=True)`), the tail is offered like a hole. Were the leader's
+  stream only late, its own copies would follow an accepted offer: duplicates, with
+  the same identity, never a loss.
 
 On takeover (`take_over`) the standby forgets the matched prefix and hands the rest,
 holes first, to its publisher, in its own order. Everything after the first event it
@@ -112,8 +117,9 @@ class Witness:
                                    next(iter(self._early.values())) < now - EARLY_SECONDS):
                 self._early.popitem(last=False)
 
-    def tick(self) -> list[int]:
-        """Forget the matched prefix; the holes to offer the leader now (seqs)."""
+    def tick(self, leader_caught_up: bool = False) -> list[int]:
+        """Forget the matched prefix; the holes to offer the leader now (seqs), and
+        the tail too when the leader is caught up."""
         now = self._clock()
         upto = self._matched_prefix()
         if upto:
@@ -122,7 +128,7 @@ class Witness:
         offer: list[int] = []
         with self._lock:
             for seq, _ in self._entries:
-                if seq >= self._high or len(offer) >= OFFER_MAX or (
+                if (seq >= self._high and not leader_caught_up) or len(offer) >= OFFER_MAX or (
                         offer and seq - offer[0] >= OFFER_SPAN):
                     break
                 if seq in self._matched:
@@ -197,6 +203,11 @@ class WitnessedSpool:
         self._on_lifecycle = on_lifecycle
         self._on_confirmed = on_confirmed
         self._append_lock = threading.Lock()
+        self._stream_event_at = time.monotonic()
+
+    def quiet_for(self) -> float:
+        """Seconds since the stream last brought an event (or since this start)."""
+        return time.monotonic() - self._stream_event_at
 
     def append(self, events: list[Event]) -> int:
         unnamed = []
@@ -206,6 +217,7 @@ class WitnessedSpool:
             elif identity.HEADER not in ev.headers:
                 unnamed.append(ev)
         if unnamed:
+            self._stream_event_at = time.monotonic()
             names = self._identities.of_all([ev.body for ev in unnamed])
             for ev, name in zip(unnamed, names):
                 ev.headers[identity.HEADER] = name

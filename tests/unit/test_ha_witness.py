@@ -116,6 +116,22 @@ def test_a_standby_forgets_what_the_leader_published_and_offers_what_it_missed()
     assert witness.take_over() == (2, 0)        # 6 and 7: never published
 
 
+def test_the_tail_is_offered_only_once_the_leader_is_caught_up():
+    clock, spool, witness, wrapped, _ = rig(grace=1.0)
+    wrapped.append([event(n) for n in range(1, 5)])                     # seqs 1..4
+    ident = {seq: ev.headers["x-event-id"] for seq, ev in spool.events.items()}
+    witness.leader_published([ident[1], ident[2]])
+    clock.now += 5
+    # 3 and 4 are newer than anything the leader published: perhaps only not yet.
+    assert witness.tick() == []
+    # The leader says it has all it received published and has heard nothing for a
+    # while: they are a gap at the end of its stream.
+    assert witness.tick(leader_caught_up=True) == []            # within the grace period
+    clock.now += 1.5
+    assert witness.tick(leader_caught_up=True) == [3, 4]
+    assert witness.tick(leader_caught_up=True) == []            # offered once
+
+
 def test_a_report_that_comes_before_our_own_copy_still_matches():
     _, spool, witness, wrapped, _ = rig()
     probe = Identities(clock=Clock())
