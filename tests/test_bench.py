@@ -135,6 +135,7 @@ def test_ctrl_c_stops_everything_and_exits_130():
     (["--soak", "half an hour"], "expected a duration like 90s, 30m or 2h"),
     (["--plot", "/no/such/dir/b.png"], "--plot: no directory /no/such/dir"),
     (["--plot", "b.png", "--skip-latency"], "this run has neither"),
+    (["--ha", "--events", "300000"], "real-ha's burst is at most 150000 events"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(args, error):
     proc = bench(*args)
