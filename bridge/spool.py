@@ -56,9 +56,9 @@ Three locks, so the publisher never waits for a commit: `_db_lock` serialises ev
 write to the database (appends, deletes, the checkpoint that holds appends), `_lock`
 guards the counts and the memory window, held only for moments, and `_read_lock`
 guards a second connection that reads a backlog which has left the window. WAL lets
-that reader run while a commit does: in a burst the stream runs further ahead than
-the window, and reads that waited for each commit left the publisher idle for half
-of its time (py-spy in `tutum-bridge bench`). Order: `_db_lock`, `_read_lock`,
+that reader run while a commit does: when a burst pushes the publisher past the
+window, reads that waited for each commit left it idle for over a quarter of its
+time (py-spy in `tutum-bridge bench`). Order: `_db_lock`, `_read_lock`,
 `_lock`, never the reverse.
 """
 

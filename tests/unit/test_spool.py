@@ -251,10 +251,10 @@ def test_confirms_within_the_window_count_the_same_bytes_as_the_rows(tmp_path):
 
 @pytest.mark.parametrize("window", [8192, 4], ids=["in-the-window", "beyond-the-window"])
 def test_the_publisher_reads_and_confirms_while_a_commit_runs(tmp_path, window):
-    """New events come from the memory window; in a burst the stream runs further
-    ahead than the window, and the backlog comes from the database. Had either waited
-    for the stream's commits, the publisher would idle through each one (half its
-    time in a burst, measured by py-spy in `tutum-bridge bench`)."""
+    """New events come from the memory window; when a burst pushes the publisher
+    past the window, the backlog comes from the database. Had either waited
+    for the stream's commits, the publisher would idle through each one (over a
+    quarter of its time in a burst, measured by py-spy in `tutum-bridge bench`)."""
     spool = Spool(tmp_path / "spool.sqlite3", 1 << 30, window=window)
     spool.append([event(n) for n in range(10)])
     seen = []
