@@ -52,14 +52,11 @@ is recovered at open from the rows after `bytes_seq`. Written bytes per event at
 Events are numbered by a sequence that never goes back, which fixes their order and,
 with the spool's random id, gives each its `message_id`.
 
-Three locks, so the publisher never waits for a commit: `_db_lock` serialises every
-write to the database (appends, deletes, the checkpoint that holds appends), `_lock`
-guards the counts and the memory window, held only for moments, and `_read_lock`
-guards a second connection that reads a backlog which has left the window. WAL lets
-that reader run while a commit does: when a burst pushes the publisher past the
-window, reads that waited for each commit left it idle for over a quarter of its
-time (py-spy in `tutum-bridge bench`). Order: `_db_lock`, `_read_lock`,
-`_lock`, never the reverse.
+Two locks, so the publisher never waits for a commit: `_db_lock` serialises every use
+of the database (appends, deletes, the checkpoint that holds appends) and `_lock`
+guards the counts and the memory window, held only for moments. The publisher reads
+new events and confirms them under `_lock` alone; it takes `_db_lock` only for a
+backlog that has left the window. Order: `_db_lock` before `_lock`, never the reverse.
 """
 
 from __future__ import annotations
@@ -148,12 +145,10 @@ class Spool:
         self._on_error = on_error or (lambda operation, exc: None)
         self._recent_bytes = 0
         self._db_lock = threading.Lock()
-        self._read_lock = threading.Lock()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._sync = sync
         self._db = self._connect()
-        self._reader = self._connect_reader()
         self._page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         self.id = self._spool_id()
         # MIN or MAX of the primary key alone is one index lookup; both in one
@@ -276,9 +271,8 @@ class Spool:
                 start = from_seq - self._recent[0][0]
                 end = min(start + limit, len(self._recent))
                 return [self._recent[i] for i in range(start, end)]
-        # Every row below `_next_seq` is committed, so the reader's snapshot has them.
-        with self._read_lock:
-            rows = self._reader.execute(
+        with self._db_lock:
+            rows = self._db.execute(
                 "SELECT seq, received_at, quarantined, routing_key, headers, body FROM events "
                 "WHERE seq >= ? ORDER BY seq LIMIT ?", (from_seq, limit)).fetchall()
         return [(seq, Event(key, body, at, self._headers(headers, body), bool(q)))
@@ -307,15 +301,15 @@ class Spool:
                 if not self._unwritable:
                     return
         # A backlog beyond the window, or a full disk: the database has the answer.
-        with self._read_lock, self._lock:
-            if upto_seq > self._confirmed and not self._closed:
-                freed = self._reader.execute(
-                    "SELECT COALESCE(SUM(size), 0) FROM events WHERE seq > ? AND seq <= ?",
-                    (self._confirmed, upto_seq)).fetchone()[0]
-                self._confirmed_upto(upto_seq, freed)
-            unwritable = self._unwritable and not self._closed
-        if unwritable:
-            with self._db_lock:
+        with self._db_lock:
+            with self._lock:
+                if upto_seq > self._confirmed and not self._closed:
+                    freed = self._db.execute(
+                        "SELECT COALESCE(SUM(size), 0) FROM events WHERE seq > ? AND seq <= ?",
+                        (self._confirmed, upto_seq)).fetchone()[0]
+                    self._confirmed_upto(upto_seq, freed)
+                unwritable = self._unwritable and not self._closed
+            if unwritable:
                 self._delete_confirmed("confirm")
 
     def _confirmed_upto(self, upto_seq: int, freed: int) -> None:
@@ -386,8 +380,6 @@ class Spool:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
                 self._on_error("close", exc)     # what is committed stays in the WAL
-            with self._read_lock:
-                self._reader.close()
             self._db.close()
 
     # --- internals -------------------------------------------------------------------
@@ -409,12 +401,6 @@ class Spool:
         db.executescript(_SCHEMA)
         return db
 
-    def _connect_reader(self) -> sqlite3.Connection:
-        """The publisher's connection for a backlog: reads only, beside the writer."""
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA query_only=1")
-        return db
-
     def _rebuild_empty(self) -> None:
         """Replace the files of a spool whose every event is confirmed (`_db_lock` held).
 
@@ -427,12 +413,9 @@ class Spool:
         """
         self._db.close()
         self._rebuilding = True         # until it worked: appends are refused
-        with self._read_lock:           # nothing is left to read: every event is confirmed
-            self._reader.close()
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-            self._db = self._connect()
-            self._reader = self._connect_reader()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        self._db = self._connect()
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('spool_id', ?)", (self.id,))
         self._save_meta(0, self._next_seq - 1, self._last_received_at)
         with self._lock:
