@@ -76,7 +76,6 @@ class HaNode:
         self.role = Role.STARTING
         self._publisher = None
         self._pace_stream = lambda _gather: None
-        self._grace = ha_cfg.fill_grace
         self._peers: dict[str, dict] = {}
         self._streaming_since: float | None = None
         self._last_presence = 0.0
@@ -187,10 +186,10 @@ class HaNode:
     def _leader_caught_up(self) -> bool:
         """A leader heard lately whose stream is up, whose spool is empty and whose
         stream has brought nothing for the grace period: it is not merely behind."""
-        now = time.monotonic()
+        now, grace = time.monotonic(), self.witness.grace
         return any(p.get("role") == Role.LEADER.value and now - p["heard"] < PEER_FRESH
                    and p.get("streaming_since") is not None and p.get("pending") == 0
-                   and (p.get("quiet") or 0) >= self._grace for p in self._peers.values())
+                   and (p.get("quiet") or 0) >= grace for p in self._peers.values())
 
     # --- roles ------------------------------------------------------------------------
 

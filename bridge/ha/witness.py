@@ -51,7 +51,7 @@ OFFER_SPAN = 5000        # and all within this many sequence numbers (one spool 
 class Witness:
     def __init__(self, spool, grace: float, clock=time.monotonic) -> None:
         self._spool = spool                 # the real spool (its confirm reports nothing)
-        self._grace = grace
+        self.grace = grace                  # seconds an unmatched event waits before an offer
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: deque[tuple[int, str | None]] = deque()   # (seq, identity), in order
@@ -134,7 +134,7 @@ class Witness:
                 if seq in self._matched:
                     continue
                 since = self._hole_since.setdefault(seq, now)
-                if now - since >= self._grace and now - self._offered.get(seq, -OFFER_AGAIN) \
+                if now - since >= self.grace and now - self._offered.get(seq, -OFFER_AGAIN) \
                         >= OFFER_AGAIN:
                     self._offered[seq] = now
                     offer.append(seq)
