@@ -15,16 +15,21 @@ SQLite database in WAL mode (standard library, crash-safe, fast appends in batch
   at a time, and a transaction each rewrote the same pages into the WAL again
   ("Writing less" below). The counts and the bound see a confirm at once; on a full
   disk a confirm deletes at once, as only that makes room.
+- Rows are batches: an append stores its events as one row (or a few, for a batch
+  over BATCH_BYTES of bodies), their fields in one `marshal` value (format 4: str,
+  bytes, float, bool and the headers' str, int, bool and lists; a format every
+  Python 3 reads), so SQLite's work per row and per statement is paid once a batch
+  (see "Rows are batches" below). Each row also stores its events' counted sizes and
+  the running total of bytes appended before it, so the bytes of any stretch of
+  sequence numbers follow from two rows, without a scan.
 - The newest events also stay in memory (at most `window` of them and `window_bytes`
   of bodies), so the publisher reads new events without touching the disk; older
-  ones (a backlog after an outage) are read back in order from the database. Memory
-  is bounded by the window, whatever the backlog and whatever the frame sizes.
-  Each row stores the event's headers, so reading back is a decoding, not a new
-  classification. They are in `marshal` format 4 (headers are str, int, bool and
-  lists of str; a format every Python 3 reads): about 1 us per event each way, where
-  JSON cost 3 us to write on the hot path. Rows of older spools hold JSON text (a
-  quarantined frame's) or NULL; those get theirs from `legacy_headers`, a function
-  the wiring hands in.
+  ones (a backlog after an outage) are read back in order from the database, a row
+  (a batch) at a time. Memory is bounded by the window and BATCH_BYTES, whatever the
+  backlog. Reading back is a decoding, not a new classification: the headers are
+  stored. Spools written by earlier versions (a row an event, in a table `events`)
+  are converted at open, in order, a batch at a time; their headers, JSON text or
+  NULL, come from `legacy_headers`, a function the wiring hands in.
 - Its size is bounded: `has_room()` is false once `max_bytes` of events wait, and
   the reader stops reading the websocket until the publisher makes room.
 - A filesystem that fills up (ENOSPC, EDQUOT, an I/O error on write) is not a crash:
@@ -35,19 +40,23 @@ SQLite database in WAL mode (standard library, crash-safe, fast appends in batch
   event confirmed, the files are rebuilt empty (`_rebuild_empty`). Every failure
   goes to `on_error(operation, exception)`; `maintenance_error` names one that is
   not a full disk (an I/O error, a broken file) until maintenance succeeds again.
-- Opening costs the same whatever the spool holds: the count follows from the first
-  and last sequence (rows are only ever added at the end and removed from the front)
-  and the byte total is kept in `meta`, as the total of the rows up to `bytes_seq`;
-  the rows after it (at most about a second of appends) are summed at open, and so
-  is a spool written before that counter existed, once.
+- Opening costs the same whatever the spool holds: the confirmed position, the next
+  sequence and the last receive time are in `meta` (written with each delete) and in
+  the first and last rows, and the byte total follows from the running totals of
+  two rows. A crash between deletes leaves `meta` behind the confirms: the next run
+  publishes those events again (duplicates, never losses).
 
-Writing less: at a steady rate every frame is its own append, and SQLite writes
-whole pages to the WAL, so what a transaction touches, not what it adds, sets the
-cost. An append touches the last page of `events`; it updates `meta` (two more
-pages: the table and its key's index) at most once every META_EVERY seconds, and
-what that leaves unsaid (the byte total, the last time the stream was heard from)
-is recovered at open from the rows after `bytes_seq`. Written bytes per event at
-2,000 events/s (`tutum-bridge bench --soak`), before and after: in the README.
+Rows are batches: in a burst an append carries up to a thousand events, and SQLite's
+per-row work (binding seven values, a B-tree insert, later a delete, and for a
+backlog a step per row on the way back) was most of the spool's cost. Alone, with the
+bench's bodies in batches of 1,000: an append cost 9.2 us an event with a row an
+event and 2.8 us with a row a batch; reading back, 5.2 and 2.7 us. In a
+`tutum-bridge bench` burst: the README, "Benchmark". At a steady rate every frame is
+its own append, so a row holds one event and costs what it did.
+
+Writing less: SQLite writes whole pages to the WAL, so what a transaction touches,
+not what it adds, sets the cost. An append touches only the end of `batches`;
+`meta` is written with the deletes, a few times a second, not with every append.
 
 Events are numbered by a sequence that never goes back, which fixes their order and,
 with the spool's random id, gives each its `message_id`.
@@ -64,6 +73,7 @@ from __future__ import annotations
 import json
 import marshal
 import sqlite3
+from array import array
 import threading
 import time
 import uuid
@@ -75,17 +85,18 @@ from bridge.event import Event
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
-    received_at REAL NOT NULL,
-    quarantined INTEGER NOT NULL,
-    routing_key TEXT NOT NULL,
-    headers TEXT,
-    body BLOB NOT NULL,
-    size INTEGER NOT NULL
+CREATE TABLE IF NOT EXISTS batches (
+    first_seq INTEGER PRIMARY KEY,  -- its events are first_seq .. first_seq + count - 1
+    count INTEGER NOT NULL,
+    base INTEGER NOT NULL,          -- bytes appended before first_seq, a running total
+    sizes BLOB NOT NULL,            -- each event's counted size, array('q')
+    received_at REAL NOT NULL,      -- the last event's
+    events BLOB NOT NULL            -- marshal: [(routing_key, body, received_at,
+                                    --            headers, quarantined), ...]
 );
 """
 ROW_OVERHEAD = 64          # bytes counted per event beyond body and headers
+BATCH_BYTES = 1024 * 1024  # bodies per row, at most (a larger event has a row of its own)
 # A checkpoint fsyncs what the WAL gathered since the last one, and while that flush
 # runs the disk is slow for everyone on it, RabbitMQ included (a broker on the same
 # disk delays deliveries for its length). Small, frequent flushes keep each stall
@@ -97,7 +108,6 @@ CHECKPOINT_EVERY = 0.2               # seconds, while the stream is calm
 CHECKPOINT_BURST_EVERY = 1.0         # seconds, in a burst
 CHECKPOINT_BURST_BYTES = 256 * 1024  # written within one CHECKPOINT_EVERY: a burst
 RETRY_EVERY = 1.0                    # seconds between retries of failed maintenance
-META_EVERY = 1.0                     # seconds between appends that also update `meta`
 # SQLite starts the WAL over only once a checkpoint has copied all of it. At a steady
 # rate every frame is its own append, appends run during every checkpoint, and a
 # PASSIVE checkpoint stops at the frame it started from: the WAL never restarted and
@@ -151,17 +161,26 @@ class Spool:
         self._db = self._connect()
         self._page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         self.id = self._spool_id()
+        self._convert_rows_of_events()
+        self._cached: tuple[int, list] = (0, [])     # the last row read back, decoded
         # MIN or MAX of the primary key alone is one index lookup; both in one
         # SELECT is a scan of the whole table (SQLite's min/max optimisation).
-        first = self._db.execute("SELECT MIN(seq) FROM events").fetchone()[0]
-        last = self._db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
-        stored_next = int(self._meta("next_seq") or 1)
-        self._next_seq = max(stored_next, (last or 0) + 1)
-        self._confirmed = (first - 1) if first is not None else self._next_seq - 1
-        self._deleted = self._confirmed     # rows up to here are gone from the table
-        self._bytes, self._last_received_at = self._stored_totals()
-        self._undeleted_bytes = 0       # of confirmed rows the table still holds
-        self._meta_saved_at = time.monotonic()
+        first = self._db.execute("SELECT MIN(first_seq) FROM batches").fetchone()[0]
+        last = self._db.execute(
+            "SELECT first_seq + count, base, sizes, received_at FROM batches "
+            "WHERE first_seq = (SELECT MAX(first_seq) FROM batches)").fetchone()
+        self._next_seq = max(int(self._meta("next_seq") or 1), last[0] if last else 1)
+        # The bytes appended before `_next_seq`, the running total the rows carry on.
+        self._appended_bytes = last[1] + sum(array("q", last[2])) if last else 0
+        self._confirmed = max(int(self._meta("confirmed") or 0),
+                              first - 1 if first is not None else self._next_seq - 1)
+        self._deleted = self._confirmed     # events up to here are gone, for readers
+        self._bytes = self._appended_bytes - self._db_offset(self._confirmed + 1)
+        self._last_received_at = self._meta("last_received_at")
+        if last and (self._last_received_at is None
+                     or last[3] > float(self._last_received_at)):
+            self._last_received_at = str(last[3])
+        self._undeleted_bytes = 0       # of confirmed events the table still holds
         self.recovered = self.pending   # events left by a previous run, to publish first
         # When a previous run last received anything (None for a new spool).
         self.previous_run_received_at = (float(self._last_received_at)
@@ -170,7 +189,6 @@ class Spool:
         # For each event of the window, the bytes appended before it (a running total),
         # so a confirm within the window knows what it frees without a query.
         self._recent_offsets: deque[int] = deque()
-        self._appended_bytes = 0
         self._closed = False
         self._unwritable = False            # the last append failed for want of disk
         self._rebuilding = False            # see `_rebuild_empty`
@@ -190,25 +208,12 @@ class Spool:
         """
         with self._db_lock:
             first = self._next_seq          # only appends move it, under this lock
-            rows, sizes = [], []
-            for offset, ev in enumerate(events):
-                headers = marshal.dumps(ev.headers, MARSHAL_VERSION)
-                size = len(ev.body) + len(headers) + ROW_OVERHEAD
-                sizes.append(size)
-                rows.append((first + offset, ev.received_at, ev.quarantined,
-                             ev.routing_key, headers, ev.body, size))
-            added = sum(sizes)
+            rows, sizes = self._rows(first, self._appended_bytes, events)
             try:
                 if self._rebuilding:
                     raise sqlite3.OperationalError("the spool's files are being rebuilt")
                 self._db.execute("BEGIN")
-                self._db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
-                save_meta = time.monotonic() - self._meta_saved_at >= META_EVERY
-                if save_meta:
-                    with self._lock:
-                        total = self._bytes + self._undeleted_bytes + added
-                    self._save_meta(total, first + len(events) - 1,
-                                    str(events[-1].received_at))
+                self._db.executemany("INSERT INTO batches VALUES (?,?,?,?,?,?)", rows)
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
@@ -217,12 +222,11 @@ class Spool:
                 self._unwritable = True
                 self._on_error("append", exc)
                 raise SpoolUnwritable(str(exc)) from None
-            if save_meta:
-                self._meta_saved_at = time.monotonic()
             with self._lock:
                 self._unwritable = False
                 self._last_received_at = str(events[-1].received_at)
                 self._next_seq = first + len(events)
+                added = sum(sizes)
                 self._bytes += added
                 self._written_since_checkpoint += added
                 self._recent.extend(zip(range(first, self._next_seq), events))
@@ -237,6 +241,32 @@ class Spool:
                     self._recent_bytes -= len(self._recent.popleft()[1].body)
                     self._recent_offsets.popleft()
             return self._next_seq - 1
+
+    @staticmethod
+    def _rows(first: int, base: int, events: list[Event]) -> tuple[list[tuple], list[int]]:
+        """The `batches` rows of `events`, numbered from `first`, each at most
+        BATCH_BYTES of bodies (or one event); and every event's counted size: its
+        body, ROW_OVERHEAD, and its share of what the row stores beyond the bodies."""
+        rows, sizes = [], []
+        start = 0
+        while start < len(events):
+            end, body_bytes = start, 0
+            while end < len(events) and (end == start or body_bytes + len(
+                    events[end].body) <= BATCH_BYTES):
+                body_bytes += len(events[end].body)
+                end += 1
+            chunk = events[start:end]
+            blob = marshal.dumps([(ev.routing_key, ev.body, ev.received_at, ev.headers,
+                                   ev.quarantined) for ev in chunk], MARSHAL_VERSION)
+            share, extra = divmod(len(blob) - body_bytes, len(chunk))
+            counted = [len(ev.body) + ROW_OVERHEAD + share for ev in chunk]
+            counted[-1] += extra
+            rows.append((first + start, len(chunk), base, array("q", counted).tobytes(),
+                         chunk[-1].received_at, blob))
+            base += sum(counted)
+            sizes += counted
+            start = end
+        return rows, sizes
 
     def has_room(self) -> bool:
         """Below the byte bound, and the last append found room on the disk."""
@@ -271,12 +301,25 @@ class Spool:
                 start = from_seq - self._recent[0][0]
                 end = min(start + limit, len(self._recent))
                 return [self._recent[i] for i in range(start, end)]
+        out: list[tuple[int, Event]] = []
         with self._db_lock:
-            rows = self._db.execute(
-                "SELECT seq, received_at, quarantined, routing_key, headers, body FROM events "
-                "WHERE seq >= ? ORDER BY seq LIMIT ?", (from_seq, limit)).fetchall()
-        return [(seq, Event(key, body, at, self._headers(headers, body), bool(q)))
-                for seq, at, q, key, headers, body in rows]
+            seq = max(from_seq, self._deleted + 1)
+            while len(out) < limit and seq < self._next_seq:
+                first, decoded = self._cached
+                if not first <= seq < first + len(decoded):
+                    row = self._db.execute(
+                        "SELECT first_seq, events FROM batches WHERE first_seq <= ? "
+                        "ORDER BY first_seq DESC LIMIT 1", (seq,)).fetchone()
+                    if row is None:
+                        break
+                    first, decoded = row[0], marshal.loads(row[1])
+                    self._cached = (first, decoded)
+                stop = min(first + len(decoded), seq + limit - len(out))
+                if stop <= seq:
+                    break           # no row holds `seq`: rows are never missing mid-spool
+                out += [(n, Event(*decoded[n - first])) for n in range(seq, stop)]
+                seq = stop
+        return out
 
     def _headers(self, stored: bytes | str | None, body: bytes) -> dict:
         if type(stored) is bytes:
@@ -304,13 +347,24 @@ class Spool:
         with self._db_lock:
             with self._lock:
                 if upto_seq > self._confirmed and not self._closed:
-                    freed = self._db.execute(
-                        "SELECT COALESCE(SUM(size), 0) FROM events WHERE seq > ? AND seq <= ?",
-                        (self._confirmed, upto_seq)).fetchone()[0]
+                    freed = (self._db_offset(upto_seq + 1)
+                             - self._db_offset(self._confirmed + 1))
                     self._confirmed_upto(upto_seq, freed)
                 unwritable = self._unwritable and not self._closed
             if unwritable:
                 self._delete_confirmed("confirm")
+
+    def _db_offset(self, seq: int) -> int:
+        """The bytes appended before `seq`, from the row that holds it (`_db_lock`
+        held; `seq` unconfirmed, or the next to come)."""
+        if seq >= self._next_seq:
+            return self._appended_bytes
+        row = self._db.execute("SELECT first_seq, base, sizes FROM batches WHERE first_seq <= ? "
+                               "ORDER BY first_seq DESC LIMIT 1", (seq,)).fetchone()
+        if row is None:
+            return self._appended_bytes
+        first, base, sizes = row
+        return base + sum(array("q", sizes)[:seq - first])
 
     def _confirmed_upto(self, upto_seq: int, freed: int) -> None:
         """Count a confirm, `freed` bytes no longer waiting, and wake whoever waits for
@@ -375,8 +429,7 @@ class Spool:
                 self._delete_confirmed("close")
                 # Remember the sequence even when the spool is empty, so message ids
                 # and order never repeat across restarts.
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
-                                 (str(self._next_seq),))
+                self._save_meta(self._deleted)
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
                 self._on_error("close", exc)     # what is committed stays in the WAL
@@ -417,12 +470,13 @@ class Spool:
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         self._db = self._connect()
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('spool_id', ?)", (self.id,))
-        self._save_meta(0, self._next_seq - 1, self._last_received_at)
+        self._save_meta(self._confirmed)
         with self._lock:
             self._deleted = self._confirmed
             self._bytes = self._undeleted_bytes = self._recent_bytes = 0
             self._recent.clear()
             self._recent_offsets.clear()
+            self._cached = (0, [])
             self._unwritable = self._rebuilding = False
             self._room.notify_all()
 
@@ -432,17 +486,14 @@ class Spool:
             upto = self._confirmed
             if upto <= self._deleted:
                 return True
-            # What the table holds once they are gone (no append runs meanwhile; rows
-            # confirmed meanwhile stay until the next delete).
-            remaining, undeleted = self._bytes, self._undeleted_bytes
+            undeleted = self._undeleted_bytes   # confirms meanwhile wait for the next delete
         try:
             self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM events WHERE seq <= ?", (upto,))
-            # An empty spool must still remember where the sequence stands, or a crash
-            # now would reuse sequence numbers, hence message ids, after the restart.
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)",
-                             (str(self._next_seq),))
-            self._save_meta(remaining, self._next_seq - 1, self._last_received_at)
+            # The rows wholly confirmed; a row confirmed in part stays, and `meta` says
+            # where in it the confirms stand.
+            self._db.execute("DELETE FROM batches WHERE first_seq <= ? "
+                             "AND first_seq + count - 1 <= ?", (upto, upto))
+            self._save_meta(upto)
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -451,7 +502,6 @@ class Spool:
             self._maintenance_failed(operation, exc)
             self._on_error(operation, exc)
             return False
-        self._meta_saved_at = time.monotonic()
         with self._lock:
             self._deleted = upto
             self._undeleted_bytes -= undeleted
@@ -532,32 +582,56 @@ class Spool:
         if db is not None:
             db.close()
 
-    def _save_meta(self, total_bytes: int, upto_seq: int, last_received_at: str | None) -> None:
-        """Record the byte total of the rows up to `upto_seq` and when the stream was last
-        heard from (so that after a crash or restart the next run can tell workers how
-        long the stream went unread); in the caller's transaction."""
-        rows = [("bytes", str(total_bytes)), ("bytes_seq", str(upto_seq))]
-        if last_received_at:
-            rows.append(("last_received_at", last_received_at))
+    def _save_meta(self, confirmed: int) -> None:
+        """Record the confirmed position, the next sequence (an empty spool must still
+        know it, or a crash would reuse sequence numbers, hence message ids) and when
+        the stream was last heard from (so that the next run can tell workers how long
+        the stream went unread); in the caller's transaction, if any."""
+        rows = [("confirmed", str(confirmed)), ("next_seq", str(self._next_seq))]
+        if self._last_received_at:
+            rows.append(("last_received_at", self._last_received_at))
         self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
 
-    def _stored_totals(self) -> tuple[int, str | None]:
-        """The byte total and the last receive time, from `meta` and the rows after it."""
-        stored, upto = self._meta("bytes"), self._meta("bytes_seq")
-        last_received_at = self._meta("last_received_at")
-        if stored is not None and upto is None:
-            return int(stored), last_received_at    # a spool that saved both every append
-        # A spool from before the counter is summed whole, once.
-        after = int(upto) if stored is not None else 0
-        tail, tail_last = self._db.execute(
-            "SELECT COALESCE(SUM(size), 0), MAX(received_at) FROM events WHERE seq > ?",
-            (after,)).fetchone()
-        if tail_last is not None and (last_received_at is None
-                                      or tail_last > float(last_received_at)):
-            last_received_at = str(tail_last)
-        total = (int(stored) if stored is not None else 0) + tail
-        self._save_meta(total, self._next_seq - 1, last_received_at)
-        return total, last_received_at
+    def _convert_rows_of_events(self) -> None:
+        """Turn a spool of an earlier version (a row an event, in `events`) into rows
+        of batches, in order, a batch per transaction: memory stays bounded by
+        BATCH_BYTES, and a crash midway leaves every event in one table or the other."""
+        if not self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone():
+            return
+        last = self._db.execute("SELECT first_seq + count, base, sizes FROM batches "
+                                "WHERE first_seq = (SELECT MAX(first_seq) FROM batches)").fetchone()
+        base = last[1] + sum(array("q", last[2])) if last else 0
+        first = self._db.execute("SELECT MIN(seq) FROM events").fetchone()[0]
+        if first is not None and last is None:
+            # The old spool's confirmed position was its first row; once rows are
+            # converted, theirs is (a conversion cut short resumes here).
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('confirmed', ?)",
+                             (str(first - 1),))
+        while True:
+            rows = self._db.execute(
+                "SELECT seq, routing_key, body, received_at, headers, quarantined, size "
+                "FROM events ORDER BY seq LIMIT 1000").fetchall()
+            if not rows:
+                break
+            taken, body_bytes = [], 0
+            for row in rows:
+                if taken and body_bytes + len(row[2]) > BATCH_BYTES:
+                    break
+                taken.append(row)
+                body_bytes += len(row[2])
+            events = [(key, body, at, self._headers(headers, body), bool(q))
+                      for _, key, body, at, headers, q, _ in taken]
+            sizes = [size for *_, size in taken]
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT INTO batches VALUES (?,?,?,?,?,?)", (
+                taken[0][0], len(taken), base, array("q", sizes).tobytes(), taken[-1][3],
+                marshal.dumps(events, MARSHAL_VERSION)))
+            self._db.execute("DELETE FROM events WHERE seq <= ?", (taken[-1][0],))
+            self._db.execute("COMMIT")
+            base += sum(sizes)
+        self._db.execute("DROP TABLE events")
+        self._db.execute("DELETE FROM meta WHERE key IN ('bytes', 'bytes_seq')")
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -8,6 +8,7 @@ what SQLite reports for ENOSPC too. The real full filesystem is in tests/test_fa
 from __future__ import annotations
 
 import json
+import marshal
 import sqlite3
 import threading
 import time
@@ -39,16 +40,69 @@ def test_read_back_gives_the_stored_headers_without_classifying_again(tmp_path):
     spool.close()
 
 
-def test_rows_of_an_old_spool_are_still_readable(tmp_path):
-    """Before, only a quarantined row stored its headers, as JSON text; others NULL."""
-    spool = open_spool(tmp_path, legacy_headers=derive_headers)
+def old_spool(path, events: list[tuple[int, Event, object]]) -> None:
+    """A spool as versions before batch rows wrote it: a row an event, in `events`,
+    headers as marshal bytes, JSON text (an old quarantined row) or NULL."""
+    db = sqlite3.connect(path / "spool.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE events (seq INTEGER PRIMARY KEY, received_at REAL NOT NULL,
+            quarantined INTEGER NOT NULL, routing_key TEXT NOT NULL, headers TEXT,
+            body BLOB NOT NULL, size INTEGER NOT NULL);
+        INSERT INTO meta VALUES ('spool_id', 'oldspool00000000');
+        INSERT INTO meta VALUES ('bytes', '999'), ('bytes_seq', '1');
+    """)
+    for seq, ev, headers in events:
+        db.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?)",
+                   (seq, ev.received_at, int(ev.quarantined), ev.routing_key, headers,
+                    ev.body, len(ev.body) + 100))
+    db.close()
+
+
+def test_a_spool_of_an_earlier_version_is_converted_in_order(tmp_path):
     old, bad = event(1), classify(b"[1]", 2.0)
-    spool.append([old, bad])
-    spool._db.execute("UPDATE events SET headers = NULL WHERE seq = 1")
-    spool._db.execute("UPDATE events SET headers = ? WHERE seq = 2", (json.dumps(bad.headers),))
-    [(_, back_old), (_, back_bad)] = spool.read(1, 2)
-    assert (back_old.headers, back_bad.headers) == (old.headers, bad.headers)
-    assert back_bad.quarantined
+    rows = [(5, old, None), (6, bad, json.dumps(bad.headers)),
+            *((seq, event(seq), marshal.dumps(event(seq).headers, 4)) for seq in range(7, 12))]
+    old_spool(tmp_path, rows)
+    spool = open_spool(tmp_path, legacy_headers=derive_headers)
+    assert (spool.id, spool.confirmed, spool.last_seq, spool.recovered) == (
+        "oldspool00000000", 4, 11, 7)
+    assert spool.bytes == sum(len(ev.body) + 100 for _, ev, _ in rows)
+    back = spool.read(1, 100)
+    assert [seq for seq, _ in back] == list(range(5, 12))
+    assert [(ev.routing_key, ev.body, ev.headers, ev.quarantined) for _, ev in back] == [
+        (ev.routing_key, ev.body, ev.headers, ev.quarantined) for _, ev, _ in rows]
+    assert not spool._db.execute(
+        "SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone()
+    spool.confirm(8)
+    spool.close()
+    again = open_spool(tmp_path)
+    assert [seq for seq, _ in again.read(1, 100)] == list(range(9, 12))
+    assert again.bytes == sum(len(ev.body) + 100 for seq, ev, _ in rows if seq > 8)
+    again.close()
+
+
+def test_a_conversion_cut_short_loses_nothing(tmp_path, monkeypatch):
+    """A crash midway through converting an old spool: every event is in one table or
+    the other, and the next open finishes the job in order."""
+    rows = [(seq, event(seq, size=300), None) for seq in range(1, 41)]
+    old_spool(tmp_path, rows)
+    monkeypatch.setattr(spool_mod, "BATCH_BYTES", 1000)      # several rows a batch
+    calls = 0
+
+    def dies_midway(body):
+        nonlocal calls
+        calls += 1
+        if calls > 20:
+            raise RuntimeError("the process dies here")
+        return derive_headers(body)
+
+    with pytest.raises(RuntimeError):
+        open_spool(tmp_path, legacy_headers=dies_midway)
+    spool = open_spool(tmp_path, legacy_headers=derive_headers)
+    assert (spool.confirmed, spool.pending) == (0, 40)
+    assert [ev.body for _, ev in spool.read(1, 100)] == [ev.body for _, ev, _ in rows]
     spool.close()
 
 
@@ -65,10 +119,9 @@ def test_reopening_restores_counts_bytes_and_sequence(tmp_path):
     again.close()
 
 
-def test_after_a_crash_between_meta_saves_the_totals_come_from_the_rows(tmp_path, monkeypatch):
-    """Appends save `meta` at most every META_EVERY; a crash in between loses nothing
-    the next run reports: the byte total, the last receive time, what to publish."""
-    monkeypatch.setattr(spool_mod, "META_EVERY", 3600.0)
+def test_after_a_crash_between_deletes_the_totals_come_from_the_rows(tmp_path, monkeypatch):
+    """Appends do not write `meta`; a crash loses nothing the next run reports: the
+    byte total, the last receive time, what to publish."""
     monkeypatch.setattr(spool_mod, "CHECKPOINT_EVERY", 3600.0)    # no maintenance either
     spool = open_spool(tmp_path)
     spool.append([event(n) for n in range(50)])
@@ -90,7 +143,7 @@ def test_after_a_crash_between_meta_saves_the_totals_come_from_the_rows(tmp_path
 
 
 def test_opening_does_not_scan_the_events(tmp_path, monkeypatch):
-    """Opening costs the same whatever the spool holds: no COUNT or SUM over events."""
+    """Opening costs the same whatever the spool holds: no COUNT or SUM over rows."""
     spool = open_spool(tmp_path)
     spool.append([event(n) for n in range(100)])
     spool.close()
@@ -107,27 +160,13 @@ def test_opening_does_not_scan_the_events(tmp_path, monkeypatch):
     opened = list(statements)
     again.close()
     monkeypatch.undo()
-    reading = [s for s in opened if "FROM events" in s]
+    reading = [s for s in opened if "FROM batches" in s]
     assert reading, opened
     db = sqlite3.connect(tmp_path / "spool.sqlite3")
     plans = {s: [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + s)] for s in reading}
     db.close()
     assert not [s for s, plan in plans.items() if any("SCAN" in step for step in plan)], plans
     assert again.recovered == 100
-
-
-def test_a_spool_from_before_the_byte_counter_is_summed_once(tmp_path):
-    spool = open_spool(tmp_path)
-    spool.append([event(n) for n in range(10)])
-    size = spool.bytes
-    spool.close()
-    db = sqlite3.connect(tmp_path / "spool.sqlite3")
-    db.execute("DELETE FROM meta WHERE key = 'bytes'")
-    db.commit()
-    db.close()
-    again = open_spool(tmp_path)
-    assert again.bytes == size
-    again.close()
 
 
 def test_a_full_disk_refuses_the_whole_batch_and_keeps_the_spool_usable(tmp_path):
@@ -238,14 +277,37 @@ def test_the_wal_stays_bounded_under_a_steady_stream_of_small_appends(tmp_path, 
 
 
 def test_confirms_within_the_window_count_the_same_bytes_as_the_rows(tmp_path):
-    spool = Spool(tmp_path / "spool.sqlite3", 1 << 30, window=50)
+    """The window's running offsets and the rows' stored sizes agree, wherever a
+    confirm falls: inside a row, on its edge, in or behind the window."""
+    (tmp_path / "rows").mkdir()
+    windowed = Spool(tmp_path / "spool.sqlite3", 1 << 30, window=50)
+    from_rows = open_spool(tmp_path / "rows")
     for batch in range(10):
-        spool.append([event(batch * 10 + n, size=n * 37) for n in range(10)])
+        events = [event(batch * 10 + n, size=n * 37) for n in range(10)]
+        windowed.append(events)
+        from_rows.append(events)
+    assert windowed.bytes == from_rows.bytes
     for upto in (3, 4, 17, 45, 60, 99, 100):   # some in the window, some behind it
-        spool.confirm(upto)
-        rows = sqlite3.connect(spool.path).execute(
-            "SELECT COALESCE(SUM(size), 0) FROM events WHERE seq > ?", (upto,)).fetchone()[0]
-        assert spool.bytes == rows and spool.pending == 100 - upto
+        windowed.confirm(upto)
+        from_rows.confirm(upto)
+        assert windowed.bytes == from_rows.bytes and windowed.pending == 100 - upto
+    windowed.close()
+    from_rows.close()
+
+
+def test_a_backlog_reads_back_across_rows_of_every_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_mod, "BATCH_BYTES", 2000)     # big events get rows of their own
+    spool = open_spool(tmp_path)
+    sent = [event(n, size=(n * 389) % 3000) for n in range(200)]
+    for start in range(0, 200, 37):
+        spool.append(sent[start:start + 37])
+    for limit in (1, 7, 64, 512):
+        got, seq = [], 1
+        while batch := spool.read(seq, limit):
+            assert len(batch) <= limit
+            got += batch
+            seq = batch[-1][0] + 1
+        assert [(s, ev.body) for s, ev in got] == [(n + 1, ev.body) for n, ev in enumerate(sent)]
     spool.close()
 
 
