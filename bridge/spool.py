@@ -96,7 +96,7 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 """
 ROW_OVERHEAD = 64          # bytes counted per event beyond body and headers
-BATCH_BYTES = 1024 * 1024  # bodies per row, at most (a larger event has a row of its own)
+BATCH_BYTES = 256 * 1024   # bodies per row, at most (a larger event has a row of its own)
 # A checkpoint fsyncs what the WAL gathered since the last one, and while that flush
 # runs the disk is slow for everyone on it, RabbitMQ included (a broker on the same
 # disk delays deliveries for its length). Small, frequent flushes keep each stall
