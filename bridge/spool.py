@@ -48,11 +48,13 @@ SQLite database in WAL mode (standard library, crash-safe, fast appends in batch
 
 Rows are batches: in a burst an append carries up to a thousand events, and SQLite's
 per-row work (binding seven values, a B-tree insert, later a delete, and for a
-backlog a step per row on the way back) was most of the spool's cost. Alone, with the
-bench's bodies in batches of 1,000: an append cost 9.2 us an event with a row an
-event and 2.8 us with a row a batch; reading back, 5.2 and 2.7 us. In a
-`tutum-bridge bench` burst: the README, "Benchmark". At a steady rate every frame is
-its own append, so a row holds one event and costs what it did.
+backlog a step per row on the way back, each a release and retake of the GIL) was
+paid per event. Measured alone on 60,000 distinct bodies of the bench's size, in
+appends of 1,000 (thread CPU, one machine, one sitting): an append cost 14-16 us an
+event with a row an event and 10 with a row a batch, reading back 11-14 and 10-11.
+What that does to a burst, and to an HA pair: the README, "The benchmark". At a
+steady rate every frame is its own append, so a row holds one event and costs what
+it did.
 
 Writing less: SQLite writes whole pages to the WAL, so what a transaction touches,
 not what it adds, sets the cost. An append touches only the end of `batches`;
