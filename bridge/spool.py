@@ -75,10 +75,10 @@ from __future__ import annotations
 import json
 import marshal
 import sqlite3
-from array import array
 import threading
 import time
 import uuid
+from array import array
 from collections import deque
 from pathlib import Path
 from typing import Callable
@@ -168,20 +168,18 @@ class Spool:
         # MIN or MAX of the primary key alone is one index lookup; both in one
         # SELECT is a scan of the whole table (SQLite's min/max optimisation).
         first = self._db.execute("SELECT MIN(first_seq) FROM batches").fetchone()[0]
-        last = self._db.execute(
-            "SELECT first_seq + count, base, sizes, received_at FROM batches "
-            "WHERE first_seq = (SELECT MAX(first_seq) FROM batches)").fetchone()
+        last = self._end_of_rows()
         self._next_seq = max(int(self._meta("next_seq") or 1), last[0] if last else 1)
         # The bytes appended before `_next_seq`, the running total the rows carry on.
-        self._appended_bytes = last[1] + sum(array("q", last[2])) if last else 0
+        self._appended_bytes = last[1] if last else 0
         self._confirmed = max(int(self._meta("confirmed") or 0),
                               first - 1 if first is not None else self._next_seq - 1)
         self._deleted = self._confirmed     # events up to here are gone, for readers
         self._bytes = self._appended_bytes - self._db_offset(self._confirmed + 1)
         self._last_received_at = self._meta("last_received_at")
         if last and (self._last_received_at is None
-                     or last[3] > float(self._last_received_at)):
-            self._last_received_at = str(last[3])
+                     or last[2] > float(self._last_received_at)):
+            self._last_received_at = str(last[2])
         self._undeleted_bytes = 0       # of confirmed events the table still holds
         self.recovered = self.pending   # events left by a previous run, to publish first
         # When a previous run last received anything (None for a new spool).
@@ -309,9 +307,7 @@ class Spool:
             while len(out) < limit and seq < self._next_seq:
                 first, decoded = self._cached
                 if not first <= seq < first + len(decoded):
-                    row = self._db.execute(
-                        "SELECT first_seq, events FROM batches WHERE first_seq <= ? "
-                        "ORDER BY first_seq DESC LIMIT 1", (seq,)).fetchone()
+                    row = self._row_holding(seq, "events")
                     if row is None:
                         break
                     first, decoded = row[0], marshal.loads(row[1])
@@ -361,12 +357,27 @@ class Spool:
         held; `seq` unconfirmed, or the next to come)."""
         if seq >= self._next_seq:
             return self._appended_bytes
-        row = self._db.execute("SELECT first_seq, base, sizes FROM batches WHERE first_seq <= ? "
-                               "ORDER BY first_seq DESC LIMIT 1", (seq,)).fetchone()
+        row = self._row_holding(seq, "base, sizes")
         if row is None:
             return self._appended_bytes
         first, base, sizes = row
         return base + sum(array("q", sizes)[:seq - first])
+
+    def _row_holding(self, seq: int, columns: str) -> tuple | None:
+        """(first_seq, *columns) of the row that holds `seq` (`_db_lock` held): the
+        last row starting at or before it, one index lookup."""
+        return self._db.execute(f"SELECT first_seq, {columns} FROM batches WHERE first_seq <= ? "
+                                "ORDER BY first_seq DESC LIMIT 1", (seq,)).fetchone()
+
+    def _end_of_rows(self) -> tuple[int, int, float] | None:
+        """(the sequence after the last row, the bytes appended up to there, the last
+        row's receive time); None for no rows."""
+        row = self._db.execute("SELECT first_seq + count, base, sizes, received_at FROM batches "
+                               "WHERE first_seq = (SELECT MAX(first_seq) FROM batches)").fetchone()
+        if row is None:
+            return None
+        end, base, sizes, received_at = row
+        return end, base + sum(array("q", sizes)), received_at
 
     def _confirmed_upto(self, upto_seq: int, freed: int) -> None:
         """Count a confirm, `freed` bytes no longer waiting, and wake whoever waits for
@@ -601,9 +612,8 @@ class Spool:
         if not self._db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone():
             return
-        last = self._db.execute("SELECT first_seq + count, base, sizes FROM batches "
-                                "WHERE first_seq = (SELECT MAX(first_seq) FROM batches)").fetchone()
-        base = last[1] + sum(array("q", last[2])) if last else 0
+        last = self._end_of_rows()
+        base = last[1] if last else 0
         first = self._db.execute("SELECT MIN(seq) FROM events").fetchone()[0]
         if first is not None and last is None:
             # The old spool's confirmed position was its first row; once rows are
@@ -611,17 +621,19 @@ class Spool:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('confirmed', ?)",
                              (str(first - 1),))
         while True:
-            rows = self._db.execute(
+            # Row by row, not fetchall: old rows may hold frames of up to the frame limit.
+            cursor = self._db.execute(
                 "SELECT seq, routing_key, body, received_at, headers, quarantined, size "
-                "FROM events ORDER BY seq LIMIT 1000").fetchall()
-            if not rows:
-                break
+                "FROM events ORDER BY seq LIMIT 1000")
             taken, body_bytes = [], 0
-            for row in rows:
+            for row in cursor:
                 if taken and body_bytes + len(row[2]) > BATCH_BYTES:
                     break
                 taken.append(row)
                 body_bytes += len(row[2])
+            cursor.close()      # before the transaction that deletes what it read
+            if not taken:
+                break
             events = [(key, body, at, self._headers(headers, body), bool(q))
                       for _, key, body, at, headers, q, _ in taken]
             sizes = [size for *_, size in taken]
