@@ -82,16 +82,19 @@ class Bridge:
         main_heart = self.live.heart("main", MAIN_BUDGET)
         publisher_heart = self.live.heart("publisher", PUBLISHER_BUDGET)
         dead_letters = DeadLetters(dead_letters_path(cfg.spool_path))
+        stream_heart = self.live.heart("stream", stream_budget(cfg.stream))
+        # The sink wakes the publisher, which publishes the sink's deferred events
+        # classified: each needs the other, and the stream starts only once both exist.
+        sink = SpoolingSink(spooled, lambda: publisher.notify(), self.metrics,
+                            logging_.get("stream"), max_frame_bytes=cfg.stream.max_frame_bytes,
+                            stream_url=cfg.stream.redacted_url, beat=stream_heart.beat,
+                            deferred=ha is not None)
         publisher = Publisher(cfg.amqp, cfg.topology, spooled, dead_letters,
                               inflight=cfg.inflight, reconnect_max=cfg.reconnect_max,
                               confirm_timeout=cfg.confirm_timeout,
                               on_fatal=self._on_broker_fatal, log=logging_.get("publisher"),
                               metrics=self.metrics, beat=publisher_heart.beat,
-                              paused=ha is not None)
-        stream_heart = self.live.heart("stream", stream_budget(cfg.stream))
-        sink = SpoolingSink(spooled, publisher.notify, self.metrics, logging_.get("stream"),
-                            max_frame_bytes=cfg.stream.max_frame_bytes,
-                            stream_url=cfg.stream.redacted_url, beat=stream_heart.beat)
+                              paused=ha is not None, resolve=sink.resolve)
         stream = StreamReader(cfg.stream, sink, logging_.get("stream"), beat=stream_heart.beat)
         if ha:
             ha.attach(publisher, stream.pace)

@@ -48,7 +48,7 @@ from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
 from bridge.confirms import Position
 from bridge.dead_letters import DeadLetters
-from bridge.event import IDENTITY_HEADER
+from bridge.event import IDENTITY_HEADER, Event, resolve
 from bridge.errors import BridgeError, BrokerRefused, ConfigError, TLSVerificationError
 from bridge.spool import Spool
 from bridge.topology import Topology, is_other_type, is_stream
@@ -111,8 +111,10 @@ class Publisher:
     def __init__(self, amqp: AmqpConfig, topology: Topology, spool: Spool,
                  dead_letters: DeadLetters, *, inflight: int, reconnect_max: float,
                  confirm_timeout: float, on_fatal, log, metrics,
-                 beat: Callable[[], None] = lambda: None, paused: bool = False) -> None:
+                 beat: Callable[[], None] = lambda: None, paused: bool = False,
+                 resolve: Callable[[Event], Event] = resolve) -> None:
         self._beat = beat             # liveness: the IOLoop calls it every WATCH_EVERY
+        self._resolve = resolve       # a spooled event as published (bridge/event.py `defer`)
         self._amqp = amqp
         self._topology = topology
         self._spool = spool
@@ -476,6 +478,7 @@ class Publisher:
             for seq, ev in batch:
                 if pos.skip(seq):
                     continue
+                ev = self._resolve(ev)
                 republish = pos.is_republish(seq)
                 try:
                     frames = self._encode(seq, ev, republish)
@@ -544,7 +547,7 @@ class Publisher:
         first = self._pos.nacked(tags)
         self._metrics.nacks.inc(len(tags))
         delay = self._nack_backoff.next()
-        ev = self._spool.read(first, 1)
+        ev = [(seq, resolve(e)) for seq, e in self._spool.read(first, 1)]
         self._log.warning(
             "broker.nack", message_id=self._message_id(first, ev[0][1]) if ev else None,
             routing_key=ev[0][1].routing_key if ev else None, nacked=len(tags),
@@ -600,7 +603,7 @@ class Publisher:
         self._refusals[seq] = self._refusals.get(seq, 0) + 1
         if self._refusals[seq] >= MAX_REFUSALS:
             del self._refusals[seq]
-            ev = self._spool.read(seq, 1)[0][1]
+            ev = resolve(self._spool.read(seq, 1)[0][1])
             self._set_aside_event(seq, ev, f"refused by the broker {MAX_REFUSALS} times: "
                                            f"{code} {text}")
 

@@ -16,7 +16,7 @@ import json
 import threading
 import time
 
-from bridge.event import Event, Reason, classify, excerpt, quarantine
+from bridge.event import Event, Reason, classify, defer, excerpt, quarantine, resolve
 from bridge.metrics import Metrics
 from bridge.spool import Spool, SpoolUnwritable
 
@@ -32,8 +32,12 @@ class SpoolingSink:
     """Receives the stream's frames, turns them into events, and spools them in batches."""
 
     def __init__(self, spool: Spool, on_spooled, metrics: Metrics, log, *,
-                 max_frame_bytes: int, stream_url: str, beat=lambda: None) -> None:
+                 max_frame_bytes: int, stream_url: str, beat=lambda: None,
+                 deferred: bool = False) -> None:
         self._spool = spool
+        # HA: text frames are spooled unclassified and classified when published
+        # (`resolve`, on the publisher's thread), as most of a replica's are never.
+        self._deferred = deferred
         self._beat = beat             # liveness: waiting for room is progress
         self._on_spooled = on_spooled
         self._metrics = metrics
@@ -77,18 +81,33 @@ class SpoolingSink:
                                f"{size} bytes, over the limit of {self._max_frame_bytes}",
                                binary=binary, size=size)
         else:
-            event = classify(payload, received_at, binary=binary)
+            event = defer(payload, received_at) if self._deferred and not binary else None
+            if event is None:
+                event = classify(payload, received_at, binary=binary)
             if event is None:
                 return
         if event.quarantined:
             self._quarantined += 1
-            self._metrics.quarantined.labels(event.headers["x-quarantine-reason"]).inc()
-            self._log.warning("frame.quarantined", reason=event.headers["x-quarantine-reason"],
-                              detail=event.headers["x-quarantine-detail"], size=size,
-                              excerpt=excerpt(payload))
+            self._said_quarantined(event, size)
         self._batch.append(event)
         if len(self._batch) >= MAX_BATCH:
             self.flush()
+
+    def resolve(self, event: Event) -> Event:
+        """The event to publish for a spooled one: classified now if it was deferred
+        (publisher thread). A frame quarantined here is logged and counted as on
+        receipt; `received` counted it as an event when it came."""
+        classified = resolve(event)
+        if classified is not event and classified.quarantined:
+            self._said_quarantined(classified, len(classified.body))
+        return classified
+
+    def _said_quarantined(self, event: Event, size: int) -> None:
+        reason = event.headers["x-quarantine-reason"]
+        self._metrics.quarantined.labels(reason).inc()
+        self._log.warning("frame.quarantined", reason=reason,
+                          detail=event.headers["x-quarantine-detail"], size=size,
+                          excerpt=excerpt(event.body))
 
     def flush(self) -> None:
         # The stream flushes whenever it has read what arrived, so the gauge lags by one

@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.broker import unique
 from tests.support.fault_rig import assert_guarantee
-from tests.support.ha import HaRig, same_identity
+from tests.support.ha import HaRig, as_classified_on_receipt, same_identity
 from tests.support.ledger import compute
 from tests.support.rabbit_node import extra_node, healthy_node  # noqa: F401 - fixtures
 from tests.support.wait import wait_for
@@ -59,6 +59,7 @@ def test_two_replicas_exactly_once_then_leader_sigkilled(rig):
     assert took < 10, ledger.summary()
     assert_guarantee(ledger)
     assert same_identity(rig.collector.messages)
+    assert as_classified_on_receipt(rig.collector.messages)
     # Only around the takeover: nothing delivered before the kill comes again.
     seen, twice = set(), set()
     for msg in rig.collector.messages:
@@ -85,6 +86,7 @@ def test_sigterm_of_the_leader_hands_over_at_once(rig):
     assert took < 2, ledger.summary()
     assert_guarantee(ledger)
     assert same_identity(rig.collector.messages)
+    assert as_classified_on_receipt(rig.collector.messages)
 
 
 def test_standby_that_dies_changes_nothing(rig):
@@ -125,6 +127,7 @@ def test_leader_stream_cut_is_covered_by_the_standby(rig):
     assert ledger.lost == 0, ledger.summary()
     assert ledger.unexplained_duplicates == 0, ledger.summary()
     assert same_identity(rig.collector.messages)
+    assert as_classified_on_receipt(rig.collector.messages)
     reconnected = [c for c in rig.collector.lifecycle("connected") if c.get("gap")]
     assert reconnected and reconnected[-1]["gap"]["covered"] is True, reconnected
     assert standby.info["replica"] in reconnected[-1]["gap"]["covered_by"]
@@ -147,6 +150,7 @@ def test_a_leader_stream_cut_that_nothing_follows_is_covered_too(rig):
     assert ledger.lost == 0, ledger.summary()
     assert ledger.unexplained_duplicates == 0, ledger.summary()
     assert same_identity(rig.collector.messages)
+    assert as_classified_on_receipt(rig.collector.messages)
     assert rig.log_events(leader, "ha.gap_filled")
 
 
@@ -171,6 +175,7 @@ def test_leader_cut_off_the_broker_standby_takes_over_old_leader_stays_standby(r
     assert took < 10, ledger.summary()
     assert_guarantee(ledger)
     assert same_identity(rig.collector.messages)
+    assert as_classified_on_receipt(rig.collector.messages)
     assert rig.metric(leader, "tutum_bridge_leader") == 0
     assert rig.metric(leader, "tutum_bridge_events_published_total") == published_when_cut
 
@@ -239,6 +244,7 @@ def test_a_leader_whose_publisher_is_refused_hands_over_while_its_link_is_fine(
         assert took < 10, ledger.summary()
         assert_guarantee(ledger)
         assert same_identity(rig.collector.messages)
+        assert as_classified_on_receipt(rig.collector.messages)
         assert rig.metric(leader, "tutum_bridge_leader") == 0
         assert rig.metric(standby, "tutum_bridge_leader") == 1
         assert rig.metric(leader, "tutum_bridge_events_published_total") \
@@ -278,6 +284,7 @@ def test_a_silent_link_to_the_leader_is_taken_over_within_10_seconds(rig):
     assert stepped_down
     assert_guarantee(ledger)
     assert same_identity(rig.collector.messages)
+    assert as_classified_on_receipt(rig.collector.messages)
 
 
 def test_identical_frames_stay_distinct_events_across_a_takeover(rig):

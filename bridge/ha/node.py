@@ -31,7 +31,7 @@ import json
 import time
 from collections import OrderedDict
 
-from bridge.event import Event
+from bridge.event import Event, resolve
 from bridge.ha import identity
 from bridge.ha.identity import Identities
 from bridge.ha.link import HaLink, LinkState, Names
@@ -220,6 +220,7 @@ class HaNode:
         first, last = seqs[0], seqs[-1]
         for seq, ev in self._inner.read(first, last - first + 1):
             if seq in wanted:
+                ev = resolve(ev)    # classified: a leader of an earlier version expects it
                 events.append({"routing_key": ev.routing_key, "received_at": ev.received_at,
                                "quarantined": ev.quarantined, "headers": ev.headers,
                                "body": base64.b64encode(ev.body).decode()})

@@ -7,6 +7,7 @@ test can cut the leader's stream or its broker and nothing else.
 
 from __future__ import annotations
 
+from bridge.event import classify
 from tests.support.fault_rig import Rig
 from tests.support.tcp_proxy import TcpProxy
 
@@ -45,4 +46,20 @@ def same_identity(messages) -> bool:
                                  f"x-event-id {ident}")
         if first.setdefault(msg.seq, ident) != ident:
             raise AssertionError(f"sim_seq {msg.seq}: {ident} after {first[msg.seq]}")
+    return True
+
+
+def as_classified_on_receipt(messages) -> bool:
+    """Every event carries the routing key and headers its body calls for, whichever
+    replica published it: a replica spools frames unclassified (bridge/event.py
+    `defer`) and classifies them only when it publishes them."""
+    for msg in messages:
+        if msg.seq is None:
+            continue
+        expected = classify(msg.body, 0.0)
+        headers = {k: v for k, v in msg.headers.items() if k not in ("x-event-id", "x-republished")}
+        # pika decodes header strings as str and lists as lists, as classify builds them.
+        if (msg.routing_key, headers) != (expected.routing_key, expected.headers):
+            raise AssertionError(f"sim_seq {msg.seq}: {msg.routing_key} {headers}, but its "
+                                 f"body calls for {expected.routing_key} {expected.headers}")
     return True

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.event import HEADER_VALUE_MAX, Reason, classify, quarantine
+from bridge.event import (HEADER_VALUE_MAX, IDENTITY_HEADER, Reason, classify, defer, quarantine,
+                          resolve)
 from tests.support.json_values import any_char, event_objects, json_values, routable_objects
 from tests.support.spec import (QUARANTINE_REASONS, WORD, parsed, quarantine_reasons,
                                 spec_type_word, spec_word)
@@ -282,3 +283,44 @@ def test_any_json_object_with_a_text_type_is_routed_not_quarantined(obj):
     event = classify(body, T)
     assert event is not None and not event.quarantined, event.headers
     check_any_frame(body, False)
+
+
+# --- deferred classification (an HA replica's spool) -----------------------------------
+
+def check_deferred_is_classified_on_receipt(body: bytes) -> None:
+    """What a replica spools unclassified is published exactly as if classified on
+    receipt, identity last; and a handshake is never deferred (it would be spooled)."""
+    now = classify(body, T)
+    later = defer(body, T)
+    if now is None:
+        assert later is None, "a handshake must be classified on receipt, to be dropped"
+        return
+    if later is None:
+        return
+    later.headers[IDENTITY_HEADER] = "abc-1"
+    now.headers[IDENTITY_HEADER] = "abc-1"
+    published = resolve(later)
+    assert (published.routing_key, published.body, published.received_at, published.quarantined) \
+        == (now.routing_key, now.body, now.received_at, now.quarantined)
+    assert list(published.headers.items()) == list(now.headers.items())
+
+
+@given(frames)
+def test_a_deferred_frame_is_published_as_if_classified_on_receipt(case):
+    body, binary = case
+    if not binary:
+        check_deferred_is_classified_on_receipt(body)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"type": "auth"}', b'{"type": "\\u0061uth"}', b'{"type": "au\\u0074h", "user": "x"}',
+    b'{"type": "container", "action": "update"}', b'{"type": "container", "type": "x"}',
+    b'{"type": "container", "n": NaN}', b'{"type": "container\xff"}', b"[]",
+])
+def test_deferred_frames_of_every_kind(body):
+    check_deferred_is_classified_on_receipt(body)
+
+
+def test_an_event_classified_already_is_resolved_as_it_is():
+    event = classify(frame(CONTAINER_EVENT), T)
+    assert resolve(event) is event

@@ -60,3 +60,36 @@ def test_on_stop_with_the_disk_still_full_the_sink_gives_up_after_its_grace(tmp_
     sink.flush()                       # returns: the stop is not held hostage
     assert spool.pending == 0
     spool.close()
+
+
+def test_a_deferring_sink_spools_frames_unclassified_and_classifies_them_for_the_publisher(
+        tmp_path):
+    """HA: what a replica spools is classified when published, with the same key,
+    headers and quarantine (log line and metric) as on receipt; a handshake is dropped."""
+    from structlog.testing import capture_logs
+
+    from bridge.event import DEFERRED, classify
+
+    spool = Spool(tmp_path / "spool.sqlite3", 1 << 30)
+    metrics = Metrics()
+    sink = SpoolingSink(spool, lambda: None, metrics, structlog.get_logger(),
+                        max_frame_bytes=1 << 20, stream_url="ws://x", deferred=True)
+    good, bad = frame(1), b'{"type": "container", "type": "service"}'
+    for body in (b'{"type": "auth", "user": "u"}', good, bad):
+        sink.frame(body, False, len(body), False, 5.0)
+    sink.flush()
+    spooled = [ev for _, ev in spool.read(1, 10)]
+    assert [ev.routing_key for ev in spooled] == [DEFERRED, DEFERRED]
+    assert metrics.registry.get_sample_value(
+        "tutum_bridge_frames_quarantined_total", {"reason": "duplicate-keys"}) is None
+    with capture_logs() as logs:
+        published = [sink.resolve(ev) for ev in spooled]
+    for body, ev in zip((good, bad), published):
+        expected = classify(body, 5.0)
+        assert (ev.routing_key, ev.headers, ev.quarantined) == (
+            expected.routing_key, expected.headers, expected.quarantined)
+    assert [entry["event"] for entry in logs] == ["frame.quarantined"]
+    assert logs[0]["reason"] == "duplicate-keys"
+    assert metrics.registry.get_sample_value(
+        "tutum_bridge_frames_quarantined_total", {"reason": "duplicate-keys"}) == 1
+    spool.close()
