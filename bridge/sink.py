@@ -1,7 +1,8 @@
 """Between the stream and the spool: frames become events, events go to disk in batches.
 
 `SpoolingSink` is the `StreamSink` the wiring hands the stream reader. It classifies
-each frame (quarantining what is not a valid event, with a log line), turns the
+each frame (quarantining what is not a valid event, with a log line), or with HA
+spools it unclassified for `resolve` to classify when it is published, turns the
 stream's lifecycle into `bridge.connected` / `bridge.disconnected` events (which
 travel through the spool like any other, so they keep their place in the order), and
 applies backpressure: while the spool cannot take the batch in hand, because it is
@@ -96,7 +97,7 @@ class SpoolingSink:
     def resolve(self, event: Event) -> Event:
         """The event to publish for a spooled one: classified now if it was deferred
         (publisher thread). A frame quarantined here is logged and counted as on
-        receipt; `received` counted it as an event when it came."""
+        receipt (again at a republish); `received` counted it as an event."""
         classified = resolve(event)
         if classified is not event and classified.quarantined:
             self._said_quarantined(classified, len(classified.body))
