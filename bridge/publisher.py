@@ -48,7 +48,7 @@ from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
 from bridge.confirms import Position
 from bridge.dead_letters import DeadLetters
-from bridge.event import IDENTITY_HEADER, Event, resolve
+from bridge.event import DEFERRED, IDENTITY_HEADER, Event, resolve
 from bridge.errors import BridgeError, BrokerRefused, ConfigError, TLSVerificationError
 from bridge.spool import Spool
 from bridge.topology import Topology, is_other_type, is_stream
@@ -478,7 +478,8 @@ class Publisher:
             for seq, ev in batch:
                 if pos.skip(seq):
                     continue
-                ev = self._resolve(ev)
+                if ev.routing_key == DEFERRED:      # spooled unclassified (HA)
+                    ev = self._resolve(ev)
                 republish = pos.is_republish(seq)
                 try:
                     frames = self._encode(seq, ev, republish)
@@ -547,10 +548,11 @@ class Publisher:
         first = self._pos.nacked(tags)
         self._metrics.nacks.inc(len(tags))
         delay = self._nack_backoff.next()
-        ev = [(seq, resolve(e)) for seq, e in self._spool.read(first, 1)]
+        read = self._spool.read(first, 1)
+        ev = resolve(read[0][1]) if read else None
         self._log.warning(
-            "broker.nack", message_id=self._message_id(first, ev[0][1]) if ev else None,
-            routing_key=ev[0][1].routing_key if ev else None, nacked=len(tags),
+            "broker.nack", message_id=self._message_id(first, ev) if ev else None,
+            routing_key=ev.routing_key if ev else None, nacked=len(tags),
             retry_in=round(delay, 2),
             detail="a queue refused it (x-overflow reject-publish, or a quorum queue's "
                    "limit; the broker does not say which); republishing from it in order")
