@@ -22,9 +22,10 @@ SQLite database in WAL mode (standard library, crash-safe, fast appends in batch
   (see "Rows are batches" below). Each row also stores its events' counted sizes and
   the running total of bytes appended before it, so the bytes of any stretch of
   sequence numbers follow from two rows, without a scan.
-- The newest events also stay in memory (at most `window` of them and `window_bytes`
-  of bodies), so the publisher reads new events without touching the disk; older
-  ones (a backlog after an outage) are read back in order from the database, a row
+- The newest unconfirmed events also stay in memory (at most `window` of them and
+  `window_bytes` of bodies, dropped once confirmed), so the publisher reads new
+  events without touching the disk; older ones (a backlog after an outage) are read
+  back in order from the database, a row
   (a batch) at a time. Memory is bounded by the window and BATCH_BYTES, whatever the
   backlog. Reading back is a decoding, not a new classification: the headers are
   stored. Spools written by earlier versions (a row an event, in a table `events`)
@@ -380,9 +381,17 @@ class Spool:
         return end, base + sum(array("q", sizes)), received_at
 
     def _confirmed_upto(self, upto_seq: int, freed: int) -> None:
-        """Count a confirm, `freed` bytes no longer waiting, and wake whoever waits for
-        room (`_lock` held); the rows go at the next delete."""
+        """Count a confirm, `freed` bytes no longer waiting, drop the confirmed events
+        from the window, and wake whoever waits for room (`_lock` held); the rows go at
+        the next delete."""
         self._confirmed = upto_seq
+        # Nobody reads a confirmed event again. Kept, the newest 8,192 would sit in the
+        # collector's youngest generation (new objects in, old ones dying elsewhere, its
+        # count never moving), and each collection walked them all with the GIL held:
+        # 10-20 ms, a stall of the stream as long, at 2,000 events/s (`bench --soak`).
+        while self._recent and self._recent[0][0] <= upto_seq:
+            self._recent_bytes -= len(self._recent.popleft()[1].body)
+            self._recent_offsets.popleft()
         self._bytes -= freed
         self._undeleted_bytes += freed
         self._room.notify_all()
