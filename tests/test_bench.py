@@ -97,9 +97,10 @@ def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
     for sample in soak["samples"]:
         assert sample["rss_bytes"] > 1024 * 1024 and sample["spool_bytes"] > 0
         assert sample["p99_ms"] > 0 and sample["cpu_seconds"] >= 0
+        assert 0 < sample["machine_busy"] <= 1 and 0 <= sample["machine_steal"] <= 1
     for figure in ("rss_bytes", "cpu_seconds_per_10k", "p99_ms", "spool_bytes"):
         assert isinstance(soak["summary"][figure]["flat"], bool)
-    assert "real soak: 1000 events at 200/s" in stdout
+    assert "real soak: 1000 events at 200/s" in stdout and "p99 over 10 ms in " in stdout
 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert_nothing_left(report["broker"])

@@ -4,6 +4,9 @@ A whole-run figure hides a leak, a growing WAL or a latency creep; a sample ever
 seconds shows it. The sampler reads the bridge from outside (RSS, CPU, bytes written
 to storage, the spool's files on disk) on the wall clock's multiples of the interval, the same stretches the
 consumer gives latency percentiles for, so `join` lines the two up by start time.
+Each sample also has the whole machine's CPU over its stretch (busy, waiting for I/O,
+stolen by the hypervisor), so a slow stretch can be told from a busy or shared
+machine: the cores the bridge runs on are not its own.
 """
 
 from __future__ import annotations
@@ -17,6 +20,23 @@ from bridge.bench.meter import Meter
 FLAT_WITHIN = 0.10       # a figure is flat when its last tenth is within 10% of its first
 FLAT_FIGURES = ("rss_bytes", "cpu_seconds_per_10k", "p99_ms", "spool_bytes",
                 "written_bytes_per_event")
+PROC_STAT = "/proc/stat"
+
+
+def machine_jiffies(text: str) -> tuple[int, int, int, int]:
+    """(busy, iowait, steal, total) clock ticks of all CPUs, from /proc/stat's text."""
+    fields = [int(v) for v in text.split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
+    busy = user + nice + system + irq + softirq
+    return busy, iowait, steal, busy + idle + iowait + steal
+
+
+def _read_machine() -> tuple[int, int, int, int] | None:
+    try:
+        with open(PROC_STAT) as f:
+            return machine_jiffies(f.read())
+    except (OSError, ValueError):
+        return None         # not Linux: the samples carry None
 
 
 class Sampler:
@@ -28,7 +48,7 @@ class Sampler:
         self.delivered, self.spool_bytes = delivered, spool_bytes
         self.samples: list[dict] = []
         self._due = math.ceil(time.time() / interval) * interval
-        self._last: tuple[float, float, int, int] | None = None  # start, cpu, delivered, written
+        self._last: tuple | None = None     # start, cpu, delivered, written, machine
 
     def tick(self) -> None:
         now = time.time()
@@ -37,16 +57,26 @@ class Sampler:
         boundary = math.floor(now / self.interval) * self.interval
         self._due = boundary + self.interval
         cpu, delivered, written = self.meter.cpu(), self.delivered(), self.meter.written()
+        machine = _read_machine()
         if self._last is not None:
-            start, last_cpu, last_delivered, last_written = self._last
+            start, last_cpu, last_delivered, last_written, last_machine = self._last
             events = delivered - last_delivered
             self.samples.append({
                 "t": start, "seconds": boundary - start, "events": events,
                 "rss_bytes": self.meter.rss(), "cpu_seconds": cpu - last_cpu,
                 "cpu_seconds_per_10k": (cpu - last_cpu) * 10_000 / events if events else None,
                 "written_bytes_per_event": (written - last_written) / events if events else None,
-                "spool_bytes": self.spool_bytes()})
-        self._last = (boundary, cpu, delivered, written)
+                "spool_bytes": self.spool_bytes(), **machine_shares(last_machine, machine)})
+        self._last = (boundary, cpu, delivered, written, machine)
+
+
+def machine_shares(before, after) -> dict:
+    """The machine's busy, iowait and steal shares of all its CPU time in between."""
+    names = ("machine_busy", "machine_iowait", "machine_steal")
+    if before is None or after is None or after[3] <= before[3]:
+        return dict.fromkeys(names)
+    total = after[3] - before[3]
+    return {name: (after[i] - before[i]) / total for i, name in enumerate(names)}
 
 
 def join(samples: list[dict], buckets: list[dict]) -> list[dict]:

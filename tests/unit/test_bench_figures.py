@@ -13,8 +13,8 @@ import pytest
 
 from bridge.bench.cli import _duration
 from bridge.bench.consumer import Tally
-from bridge.bench.report import ratios, table
-from bridge.bench.timeline import flatness, join
+from bridge.bench.report import ratios, soak_summary, table
+from bridge.bench.timeline import machine_shares, flatness, join, machine_jiffies
 
 
 def event(seq: int, sent: float) -> bytes:
@@ -51,6 +51,30 @@ def test_the_worst_p99_is_reported_even_when_the_tenths_agree():
     samples = [sample(t, 50e6, p99=40.0 if t == 50 else 2.0) for t in range(100)]
     verdict = flatness(samples)["p99_ms"]
     assert verdict["flat"] and verdict["max"] == 40.0
+
+
+def test_the_machine_share_of_a_stretch_comes_from_proc_stat():
+    before = machine_jiffies("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n")
+    after = machine_jiffies("cpu  160 0 70 900 20 5 5 40 0 0\n")
+    assert before == (150, 10, 40, 1000)
+    shares = machine_shares(before, after)
+    assert shares == {"machine_busy": 90 / 200, "machine_iowait": 10 / 200,
+                      "machine_steal": 0.0}
+    assert machine_shares(None, after) == dict.fromkeys(shares)
+
+
+def test_the_soak_summary_names_the_samples_over_the_latency_target():
+    samples = [{**sample(1000.0 + 10 * i, 50e6, p99=2.0), "machine_busy": 0.5,
+                "machine_iowait": 0.0, "machine_steal": 0.0} for i in range(20)]
+    samples[7].update(p99_ms=13.6, machine_busy=0.97, machine_steal=0.21)
+    soak = {"events": 400000, "rate": 2000, "seconds": 200.0, "sample_seconds": 10.0,
+            "latency_ms": {"p50": 0.7, "p99": 2.2, "max": 30.0}, "samples": samples,
+            "summary": flatness(samples)}
+    assert soak_summary(soak)[-1] == ("  p99 over 10 ms in 1 of 20 samples of 10 s: 13.6 ms "
+                                      "at 70 s (machine busy 97%, iowait 0%, steal 21%)")
+    for s in samples:
+        s["p99_ms"] = 2.0
+    assert soak_summary(soak)[-1] == "  p99 over 10 ms in 0 of 20 samples of 10 s"
 
 
 def test_samples_join_the_consumer_buckets_of_the_same_stretch():
