@@ -388,7 +388,7 @@ class Spool:
         # Nobody reads a confirmed event again. Kept, the newest 8,192 would sit in the
         # collector's youngest generation (new objects in, old ones dying elsewhere, its
         # count never moving), and each collection walked them all with the GIL held:
-        # 10-20 ms, a stall of the stream as long, at 2,000 events/s (`bench --soak`).
+        # 14-23 ms, a stall of the stream as long, at 2,000 events/s (`bench --soak`).
         while self._recent and self._recent[0][0] <= upto_seq:
             self._recent_bytes -= len(self._recent.popleft()[1].body)
             self._recent_offsets.popleft()

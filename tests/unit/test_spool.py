@@ -300,7 +300,7 @@ def test_a_confirmed_event_leaves_memory_at_once(tmp_path):
     """The window holds what the publisher has yet to read or may read again: the
     unconfirmed events. A window that kept the newest 8,192 events, confirmed or not,
     kept them in Python's youngest generation, and every collection of it walked them
-    all, 10-20 ms with the GIL held at 2,000 events/s (`bench --soak`), a stall of the
+    all, 14-23 ms with the GIL held at 2,000 events/s (`bench --soak`), a stall of the
     stream as long."""
     spool = Spool(tmp_path / "spool.sqlite3", 1 << 30)          # the default window
     spool.append([event(n) for n in range(100)])
