@@ -239,8 +239,7 @@ class Spool:
                 self._recent_bytes += sum(len(ev.body) for ev in events)
                 while self._recent and (len(self._recent) > self._window
                                         or self._recent_bytes > self._window_bytes):
-                    self._recent_bytes -= len(self._recent.popleft()[1].body)
-                    self._recent_offsets.popleft()
+                    self._drop_oldest_in_window()
             return self._next_seq - 1
 
     @staticmethod
@@ -390,11 +389,15 @@ class Spool:
         # count never moving), and each collection walked them all with the GIL held:
         # 14-23 ms, a stall of the stream as long, at 2,000 events/s (`bench --soak`).
         while self._recent and self._recent[0][0] <= upto_seq:
-            self._recent_bytes -= len(self._recent.popleft()[1].body)
-            self._recent_offsets.popleft()
+            self._drop_oldest_in_window()
         self._bytes -= freed
         self._undeleted_bytes += freed
         self._room.notify_all()
+
+    def _drop_oldest_in_window(self) -> None:
+        """The window forgets its oldest event (`_lock` held); the database keeps it."""
+        self._recent_bytes -= len(self._recent.popleft()[1].body)
+        self._recent_offsets.popleft()
 
     def _bytes_in_window(self, after_seq: int, upto_seq: int) -> int | None:
         """Bytes of the events after `after_seq` up to `upto_seq` if the window holds

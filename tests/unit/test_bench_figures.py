@@ -14,7 +14,7 @@ import pytest
 from bridge.bench.cli import _duration
 from bridge.bench.consumer import Tally
 from bridge.bench.report import ratios, soak_summary, table
-from bridge.bench.timeline import machine_shares, flatness, join, machine_jiffies
+from bridge.bench.timeline import flatness, join, machine_jiffies, machine_shares
 
 
 def event(seq: int, sent: float) -> bytes:
