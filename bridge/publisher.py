@@ -457,7 +457,8 @@ class Publisher:
     # --- publishing ------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Publish from the spool until the window is full or the spool empty.
+        """Publish from the spool until the window is full or the spool empty, once
+        the window has room for a refill (`Position.ready`).
 
         Each batch is encoded by `encode_publish` and handed to the connection as one
         write: pika would marshal every frame through several layers and write the
@@ -469,7 +470,8 @@ class Publisher:
             return
         pos = self._pos
         published = republished = 0
-        while not self._paused and pos.room > 0:
+        ready = pos.ready()     # if not, a confirm of what is in flight calls this again
+        while ready and not self._paused and pos.room > 0:
             batch = self._spool.read(pos.cursor, min(pos.room, READ_BATCH))
             if not batch:
                 break

@@ -17,9 +17,9 @@ simulator and classifies them (bridge/event.py), so the messages carry the bridg
 bodies, routing keys and headers, and builds every message's wire bytes (exactly what
 pika's `basic_publish` writes for the bridge's persistent properties,
 bridge/amqp_encode.py). Then, timed, it publishes them over one `SelectConnection`
-with pipelined confirms and the bridge's window of unconfirmed messages, each batch in
-one write. `--out` gets {started} when publishing starts, then {confirmed_at,
-cpu_seconds} too.
+with pipelined confirms and the bridge's window of unconfirmed messages, refilled as
+the bridge refills it (bridge/confirms.py, `REFILL_SHARE`), each batch in one write.
+`--out` gets {started} when publishing starts, then {confirmed_at, cpu_seconds} too.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import websocket
 from bridge import frames
 from bridge.amqp_encode import encode_publish
 from bridge.bench.consumer import write_json
+from bridge.confirms import REFILL_SHARE
 from bridge.event import classify
 
 BATCH = 512                # messages per write, the bridge's read batch
@@ -121,6 +122,9 @@ class Publisher:
         self._pump()
 
     def _pump(self) -> None:
+        refill = max(1, self.args.window // REFILL_SHARE)
+        if self.unconfirmed and self.args.window - len(self.unconfirmed) < refill:
+            return
         while self.next < len(self.wire):
             room = self.args.window - len(self.unconfirmed)
             if room <= 0:

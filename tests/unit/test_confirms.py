@@ -39,6 +39,8 @@ class Broker:
         self.next_tag = 1
 
     def publish(self) -> None:
+        if not self.pos.ready():        # as the publisher does
+            return
         while self.pos.room > 0 and self.pos.cursor <= EVENTS:
             seq = self.pos.cursor
             if self.pos.skip(seq):
@@ -97,6 +99,22 @@ def test_no_interleaving_loses_an_event_or_breaks_the_order_of_last_copies(ops):
     # Once the republishes are through (not in between), the last copies are in order.
     latest = broker.latest()
     assert sorted(latest, key=latest.get) == list(range(1, EVENTS + 1)), broker.copies
+
+
+def test_the_window_waits_for_room_for_a_refill_unless_nothing_is_in_flight():
+    pos = Position(confirmed=0, published_max=0, window=80)     # a refill: 10 events
+    for seq in range(1, 81):
+        pos.published(seq, now=0.0)
+    pos.acked(pos.tags(9, multiple=True))
+    assert pos.room == 9 and not pos.ready()
+    pos.acked(pos.tags(10, multiple=False))
+    assert pos.ready()
+    pos.nacked(pos.tags(11, multiple=False))      # slow start: a window of one
+    assert pos.window == 1 and pos.ready()        # nothing in flight
+    pos.published(11, now=0.0)
+    assert not pos.ready()
+    pos.acked(pos.tags(81, multiple=False))       # the republish's tag
+    assert pos.window == 2 and pos.ready()
 
 
 def test_a_set_aside_event_is_skipped_and_counts_as_confirmed():

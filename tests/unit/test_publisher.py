@@ -64,12 +64,14 @@ class FakeConnection:
 
     def __init__(self) -> None:
         self.published: list[tuple[str, str, bool]] = []  # (message_id, routing key, republished)
+        self.writes: list[int] = []                      # publishes in each write
         self.is_closing = self.is_closed = False
         self.bytes_received = 0
         self.terminated = None
 
     def _output_marshaled_frames(self, chunks) -> None:
         data = b"".join(chunks)
+        before = len(self.published)
         while data:
             used, frame = pika_frame.decode_frame(data)
             data = data[used:]
@@ -79,6 +81,7 @@ class FakeConnection:
                 props = frame.properties
                 self.published.append((props.message_id, routing_key,
                                        (props.headers or {}).get("x-republished") is True))
+        self.writes.append(len(self.published) - before)
 
     def _terminate_stream(self, error) -> None:
         self.terminated = error
@@ -157,6 +160,25 @@ def test_acks_let_the_spool_forget_a_confirmed_prefix(make):
     publisher._on_confirm(ack(4))
     publisher._flush_confirms()
     assert publisher.spool.confirmed == 2 and publisher.spool.pending == 3   # 4 waits behind 3
+
+
+def test_a_full_window_is_refilled_in_batches_not_an_event_per_confirm(make):
+    publisher = make(200, inflight=80)           # a refill is an eighth: 10 events
+    connection = publisher._connection
+    assert connection.writes == [80]
+    for tag in range(1, 10):                     # RabbitMQ acks a few events at a time
+        publisher._on_confirm(ack(tag))
+    assert connection.writes == [80]
+    publisher._on_confirm(ack(10))
+    assert connection.writes == [80, 10]
+    publisher._on_confirm(ack(90, multiple=True))
+    assert connection.writes == [80, 10, 80]
+    publisher._on_confirm(ack(170, multiple=True))
+    assert connection.writes == [80, 10, 80, 30]  # the rest of the spool
+    publisher._on_confirm(ack(200, multiple=True))
+    publisher._flush_confirms()
+    assert seqs(publisher, connection.published) == [(n, False) for n in range(1, 201)]
+    assert publisher.spool.pending == 0
 
 
 def test_a_nack_republishes_the_nacked_event_and_those_after_it_after_a_backoff(make):
