@@ -23,7 +23,7 @@ import pytest
 from tests.support.broker import connect
 from tests.support.wait import wait_for
 
-TINY = ["--events", "2000", "--rate", "200", "--latency-seconds", "3", "--idle-seconds", "2"]
+TINY = ["--burst-rounds", "2", "--events", "2000", "--rate", "200", "--latency-seconds", "3", "--idle-seconds", "2"]
 
 
 def bench(*args: str, **kw) -> subprocess.Popen:
@@ -83,7 +83,8 @@ def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
                                      "real/min(ceilings)", "real-ha/real"}
     share = report["ratios"]["real/min(ceilings)"]
     assert share["limit"] in CEILINGS and share["burst"] > 0
-    assert "of the limit, set by" in stdout
+    assert "of the limit, set by" in stdout and len(share["rounds"]) == 2
+    assert all(len(f["burst"]["rounds"]) == 2 for f in report["bridges"].values())
     ha = report["bridges"]["real-ha"]["burst"]
     assert ha["duplicates"] == 0                # one leader publishes each event once
     assert ha["standby"]["cpu_seconds_per_10k"] > 0   # the witness read the burst too

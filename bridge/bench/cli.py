@@ -101,6 +101,9 @@ def _bridges(text: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=_count(1), default=50_000,
                         help="events in the burst (default 50000)")
+    parser.add_argument("--burst-rounds", type=_count(1), default=3, metavar="N",
+                        help="measure every burst N times, in turn, and report the median "
+                             "round (default 3; a shared machine moves one burst by a fifth)")
     parser.add_argument("--rate", type=_count(1), default=1_000,
                         help="events per second in the latency run (default 1000)")
     parser.add_argument("--latency-seconds", type=_seconds, default=20.0,
@@ -164,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
                         bridges=bridges, skip_latency=args.skip_latency,
                         skip_idle=args.skip_idle, backlog=args.backlog,
                         soak_seconds=args.soak or 0.0, soak_rate=args.soak_rate,
-                        sample_seconds=args.sample_seconds)
+                        sample_seconds=args.sample_seconds, burst_rounds=args.burst_rounds)
     base_env = child_environment(_CHILD_ENV_DROP)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Callable
 
 from bridge.bench.harness import CEILINGS, HA
@@ -49,6 +50,9 @@ def ratios(figures: dict) -> dict:
     if ceilings:
         limit = min(ceilings, key=ceilings.get)
         out[SHARE] = {"burst": _ratio(real, figures[limit], burst), "limit": limit}
+        by_round = _share_by_round(real, [figures[name] for name in ceilings])
+        if len(by_round) > 1:
+            out[SHARE].update(burst=statistics.median_low(by_round), rounds=by_round)
     if HA in figures:
         ha, cpu = figures[HA], _get("burst", "cpu_seconds_per_10k")
         standby = _get("burst", "standby", "cpu_seconds_per_10k")(ha)
@@ -59,6 +63,17 @@ def ratios(figures: dict) -> dict:
                                  _get("latency", "standby", "cpu_seconds_per_10k")(ha),
                                  steady(real))}
     return out
+
+
+def _share_by_round(real: dict, ceilings: list[dict]) -> list[float]:
+    """The real bridge's burst over the lower ceiling of the same round, round by round:
+    a slow stretch of the machine slows every row of its round, not the others."""
+    rows = [f["burst"].get("rounds") for f in (real, *ceilings)]
+    if any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
+        return []
+    rate = "events_per_second"
+    return [ours[rate] / min(c[rate] for c in theirs)
+            for ours, *theirs in zip(*rows)]
 
 
 def _ratio(a: dict, b: dict, get: Callable[[dict], float | None]) -> float | None:
@@ -79,12 +94,21 @@ def table(figures: dict) -> str:
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    by_round = {name: f["burst"]["rounds"] for name, f in figures.items()
+                if len(f.get("burst", {}).get("rounds", ())) > 1}
+    if by_round:
+        lines.append("burst ev/s by round (the table shows the median): " + "; ".join(
+            f"{name} " + " ".join(f"{r['events_per_second']:.0f}" for r in rounds)
+            for name, rounds in by_round.items()))
     for pair, r in ratios(figures).items():
         burst = "-" if r["burst"] is None else f"{r['burst']:.2f}x"
         if pair == SHARE:
             share = "-" if r["burst"] is None else f"{100 * r['burst']:.0f}%"
-            lines.append(f"{pair}: burst throughput {burst} ({share} of the limit, "
-                         f"set by {r['limit']})")
+            line = f"{pair}: burst throughput {burst} ({share} of the limit, set by {r['limit']})"
+            if "rounds" in r:
+                line += (f", the median of {len(r['rounds'])} rounds: "
+                         + " ".join(f"{x:.2f}x" for x in r["rounds"]))
+            lines.append(line)
             continue
         cpu = "-" if r["cpu_per_event"] is None else f"{r['cpu_per_event']:.2f}x"
         line = f"{pair}: burst throughput {burst}, CPU per event {cpu}"

@@ -96,6 +96,21 @@ def test_the_share_of_the_limit_is_taken_against_the_lower_ceiling():
     assert "(80% of the limit, set by broker-ceiling)" in table(figures)
 
 
+def test_with_rounds_the_share_is_the_median_of_each_rounds_own_share():
+    def rounds(*rates: float) -> dict:
+        return {"burst": {"events_per_second": sorted(rates)[(len(rates) - 1) // 2],
+                          "rounds": [{"events_per_second": r} for r in rates]}}
+    # Not the median bridge over the median ceiling (8000 / 10000): each round's own.
+    figures = {"real": rounds(8000, 4000, 9000), "stream-ceiling": rounds(40000, 30000, 40000),
+               "broker-ceiling": rounds(10000, 8000, 12000)}
+    share = ratios(figures)["real/min(ceilings)"]
+    assert share["rounds"] == [0.8, 0.5, 0.75] and share["burst"] == 0.75
+    text = table(figures)
+    assert "(75% of the limit, set by broker-ceiling), the median of 3 rounds: 0.80x 0.50x 0.75x" \
+        in text
+    assert "burst ev/s by round (the table shows the median): real 8000 4000 9000;" in text
+
+
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800),
                                            ("1.5h", 5400)])
 def test_durations(text, seconds):
