@@ -37,6 +37,14 @@ import itertools
 REFILL_SHARE = 8
 
 
+def ready_to_refill(in_flight: int, window: int, window_max: int) -> bool:
+    """Whether to publish now: nothing is in flight, or the room for a refill (a
+    `REFILL_SHARE` of the full window, or all of a window shrunk by slow start). A
+    confirm always follows what is in flight, so waiting for one never stalls."""
+    refill = min(window, max(1, window_max // REFILL_SHARE))
+    return not in_flight or window - in_flight >= refill
+
+
 class Position:
     def __init__(self, confirmed: int, published_max: int, window: int,
                  set_aside: set[int] | None = None) -> None:
@@ -57,11 +65,8 @@ class Position:
         return self.window - len(self.live)
 
     def ready(self) -> bool:
-        """Whether to publish now: nothing is in flight, or the room for a refill (a
-        `REFILL_SHARE` of the window, or all of a window shrunk by slow start). A
-        confirm always follows what is in flight, so waiting for one never stalls."""
-        refill = min(self.window, max(1, self.window_max // REFILL_SHARE))
-        return not self.live or self.room >= refill
+        """Whether to publish now (`ready_to_refill`)."""
+        return ready_to_refill(len(self.live), self.window, self.window_max)
 
     def skip(self, seq: int) -> bool:
         """True (and past it) if `seq`, the next in the spool, is not to be published."""

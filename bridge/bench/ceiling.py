@@ -18,7 +18,7 @@ bodies, routing keys and headers, and builds every message's wire bytes (exactly
 pika's `basic_publish` writes for the bridge's persistent properties,
 bridge/amqp_encode.py). Then, timed, it publishes them over one `SelectConnection`
 with pipelined confirms and the bridge's window of unconfirmed messages, refilled as
-the bridge refills it (bridge/confirms.py, `REFILL_SHARE`), each batch in one write.
+the bridge refills it (bridge/confirms.py, `ready_to_refill`), each batch in one write.
 `--out` gets {started} when publishing starts, then {confirmed_at, cpu_seconds} too.
 """
 
@@ -35,7 +35,7 @@ import websocket
 from bridge import frames
 from bridge.amqp_encode import encode_publish
 from bridge.bench.consumer import write_json
-from bridge.confirms import REFILL_SHARE
+from bridge.confirms import ready_to_refill
 from bridge.event import classify
 
 BATCH = 512                # messages per write, the bridge's read batch
@@ -122,8 +122,7 @@ class Publisher:
         self._pump()
 
     def _pump(self) -> None:
-        refill = max(1, self.args.window // REFILL_SHARE)
-        if self.unconfirmed and self.args.window - len(self.unconfirmed) < refill:
+        if not ready_to_refill(len(self.unconfirmed), self.args.window, self.args.window):
             return
         while self.next < len(self.wire):
             room = self.args.window - len(self.unconfirmed)

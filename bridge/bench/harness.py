@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections import Counter
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +44,8 @@ WINDOW = int(next(s.default for s in RUN_SETTINGS if s.name == "inflight"))
 SIM_USER = "bench"
 IDLE_SETTLE = 1.0      # seconds after the last event before idle CPU is measured
 STALL_SECONDS = 30.0   # no progress this long: the bridge is stuck, give up
-ROUND_FIGURES = ("events_per_second", "cpu_seconds_per_10k", "peak_rss_bytes")
 QUIET_CPU = 0.05       # CPU seconds per half second below which a bridge counts as idle
+ROUND_FIGURES = ("events_per_second", "cpu_seconds_per_10k", "peak_rss_bytes")
 
 
 @dataclass
