@@ -580,8 +580,12 @@ class Spool:
             with self._lock:
                 written = self._written_since_checkpoint
                 since = time.monotonic() - last
-                due = failing or (written and (written < CHECKPOINT_BURST_BYTES
-                                               or since >= CHECKPOINT_BURST_EVERY))
+                # A refused delete is failing maintenance even with nothing written since
+                # the last checkpoint (the disk filled right after it): only a checkpoint
+                # that ends with `failing` set leads to the rebuild of a wedged spool.
+                due = failing or not retried or (
+                    written and (written < CHECKPOINT_BURST_BYTES
+                                 or since >= CHECKPOINT_BURST_EVERY))
                 if due:
                     self._written_since_checkpoint = 0
             if not due:

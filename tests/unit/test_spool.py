@@ -201,6 +201,48 @@ def test_deleting_confirmed_rows_clears_the_full_state(tmp_path):
     spool.close()
 
 
+class RefusingDeletes:
+    """The spool's own connection on a disk that takes no DELETE: the WAL cannot grow."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, *args):
+        if sql.startswith("DELETE"):
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise exc
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+
+def test_a_wedged_full_spool_is_rebuilt_even_when_no_checkpoint_is_due(tmp_path, monkeypatch):
+    """The disk filled right after a checkpoint, so nothing was written since; every
+    event is confirmed but no DELETE fits. Maintenance must still count that as failing
+    and rebuild the files, or the stream stays unread for good (seen in
+    tests/test_faults_stream.py under load)."""
+    monkeypatch.setattr(spool_mod, "RETRY_EVERY", 0.05)
+    spool = open_spool(tmp_path)
+    spool.append([event(n) for n in range(10)])
+    deadline = time.monotonic() + 10
+    while spool.last_checkpoint_at is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert spool.last_checkpoint_at is not None        # nothing written since it
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(SpoolUnwritable):
+        spool.append([event(n, size=4000) for n in range(10, 100)])
+    spool._db = RefusingDeletes(spool._db)
+    spool.confirm(10)
+    assert spool.unwritable                             # the confirm's own DELETE failed
+    assert spool.wait_for_room(5), "the full spool was never rebuilt"
+    assert spool.append([event(n) for n in range(10, 20)]) == 20
+    assert [seq for seq, _ in spool.read(0, 100)] == list(range(11, 21))
+    spool.close()
+
+
 class FailingCheckpoints:
     """A connection whose first checkpoints fail, as on a full or failing disk."""
 
