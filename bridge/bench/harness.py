@@ -27,11 +27,12 @@ import pika
 import psutil
 
 from bridge.bench.children import BenchError, Child, Children, sim_stats, wait_until
+from bridge.bench.legs import Legs
 from bridge.bench.meter import Meter
 from bridge.bench.proxy import PausedProxy
 from bridge.bench.timeline import Sampler, flatness, join
 from bridge.bench.topology import Topology
-from bridge.config import RUN_SETTINGS
+from bridge.config import RUN_SETTINGS, metrics_address_file
 
 BRIDGES = ("real", "naive-confirm", "naive-fire")
 CEILINGS = ("stream-ceiling", "broker-ceiling")
@@ -77,6 +78,7 @@ class Session:
     progress: Path
     ceiling_out: Path
     standby: Child | None = None
+    metrics_url: str | None = None      # the bridge's /metrics, when it listens
     meter: Meter = field(init=False)
     standby_meter: Meter | None = field(init=False)
 
@@ -230,8 +232,8 @@ class Bench:
         s = self.settings
         count = round(s.soak_rate * s.soak_seconds)
         with self.session("real", "soak", count, "--rate", str(s.soak_rate),
-                          buckets=s.sample_seconds) as session:
-            sampler = self.sampler(session, s.sample_seconds)
+                          buckets=s.sample_seconds, metrics=True) as session:
+            sampler = self.sampler(session, s.sample_seconds, Legs(session.metrics_url).sample)
             got = self.deliver(session, count, tick=sampler.tick)
             samples = join(sampler.samples, got["buckets"])
             return {"rate": s.soak_rate, "seconds": s.soak_seconds, "events": count,
@@ -240,16 +242,17 @@ class Bench:
                     "duplicates": got["duplicates"], "samples": samples,
                     "summary": flatness(samples)}
 
-    def sampler(self, session: Session, interval: float) -> Sampler:
+    def sampler(self, session: Session, interval: float, legs=None) -> Sampler:
         spooled = session.name.startswith("real")
         return Sampler(session.meter, interval,
                        lambda: _read_json(session.progress).get("count", 0),
-                       lambda: self.spool_bytes(session) if spooled else None)
+                       lambda: self.spool_bytes(session) if spooled else None, legs)
 
     def spool_bytes(self, session: Session) -> int:
         """The real bridge's spool on disk: database, WAL and shared-memory index."""
-        total = 0
-        for path in self.workdir.glob(f"{session.name}.spool*"):
+        total, spool = 0, self.spool(session.name)
+        for path in (spool, spool.with_name(spool.name + "-wal"),
+                     spool.with_name(spool.name + "-shm")):
             try:
                 total += path.stat().st_size
             except OSError:
@@ -297,7 +300,7 @@ class Bench:
     @contextmanager
     def session(self, bridge: str, phase: str, count: int, *sim_flags: str,
                 amqp_url: str | None = None, env: dict | None = None, consumer: bool = True,
-                buckets: float = 0.0) -> Iterator[Session]:
+                buckets: float = 0.0, metrics: bool = False) -> Iterator[Session]:
         name = f"{bridge}-{phase}"
         self.sessions[name] += 1
         if self.sessions[name] > 1:     # a later round: its files are its own, not read stale
@@ -318,15 +321,18 @@ class Bench:
             if consumer:
                 reader = self.start_consumer(name, count, results, progress, buckets)
                 started.append(reader)
-            standby = None
+            standby = metrics_url = None
             if bridge == HA:
                 leader = self.start_replica(name, sim, "ha.leader", started)
                 standby = self.start_replica(f"{name}-standby", sim, "ha.standby", started)
             else:
                 started.append(self.start_bridge(bridge, name, sim, count, ceiling_out,
-                                                 amqp_url, env or {}))
+                                                 amqp_url, env or {}, metrics))
                 leader = started[-1]
-            yield Session(name, sim, leader, reader, results, progress, ceiling_out, standby)
+                if metrics:
+                    metrics_url = self.metrics_url(name, leader)
+            yield Session(name, sim, leader, reader, results, progress, ceiling_out, standby,
+                          metrics_url)
         finally:
             self.children.stop(*reversed(started))
 
@@ -352,17 +358,18 @@ class Bench:
         return consumer
 
     def start_bridge(self, bridge: str, name: str, sim: Child, count: int, ceiling_out: Path,
-                     amqp_url: str | None, env: dict) -> Child:
+                     amqp_url: str | None, env: dict, metrics: bool = False) -> Child:
         amqp_url = amqp_url or self.settings.amqp_url
         if bridge == "real":
-            # No metrics listener: nothing to measure there, and no port 9120 to clash on.
-            return self.children.start(name, ["-m", "bridge", "run", "--metrics-addr="], {
+            # A metrics listener only where its histograms are read, on a port of its own.
+            listen = "127.0.0.1:0" if metrics else ""
+            return self.children.start(name, ["-m", "bridge", "run", f"--metrics-addr={listen}"], {
                 "TUTUM_STREAM_HOST": sim.info["url"], "TUTUM_USER": SIM_USER,
                 "TUTUM_APIKEY": self.apikey, "AMQP_URL": amqp_url,
                 "BRIDGE_EXCHANGE": self.topology.exchange,
                 "BRIDGE_UNROUTED": self.topology.unrouted,
                 "BRIDGE_QUARANTINE": self.topology.quarantine,
-                "BRIDGE_SPOOL": str(self.workdir / f"{name}.spool.sqlite3"),
+                "BRIDGE_SPOOL": str(self.spool(name)),
                 "LOG_LEVEL": "warning", **env})
         stream = f"{sim.info['url']}/v1/events?" + urlencode({"token": self.apikey,
                                                                "user": SIM_USER})
@@ -375,6 +382,21 @@ class Bench:
         confirm = "--confirm" if bridge == "naive-confirm" else "--no-confirm"
         return self.children.start(name, ["-m", "bridge.bench.naive", confirm, stream,
                                           amqp_url, self.topology.exchange])
+
+    def metrics_url(self, name: str, bridge: Child) -> str:
+        """The /metrics of a real bridge started with a listener on port 0."""
+        written = metrics_address_file(self.spool(name))
+
+        def address() -> str:
+            try:
+                return written.read_text().strip()
+            except OSError:
+                return ""
+        wait_until(lambda: ":" in address(), 30, f"{name} to open its metrics listener", bridge)
+        return f"http://{address()}/metrics"
+
+    def spool(self, name: str) -> Path:
+        return self.workdir / f"{name}.spool.sqlite3"
 
     # --- waiting, with progress ---------------------------------------------------------
 

@@ -156,7 +156,23 @@ def soak_summary(soak: dict) -> list[str]:
         lines.append(f"  {title:10} first tenth {_fmt(first)}, last tenth {_fmt(last)}: "
                      f"{change}, {verdict}{extra}")
     lines.append(_over_target(soak["samples"], soak["sample_seconds"]))
+    legs = _legs_over_target(soak["samples"])
+    if legs:
+        lines.append(legs)
     return lines
+
+
+def _legs_over_target(samples: list[dict]) -> str | None:
+    """In how many samples the bridge's own legs were over the target: the part of a
+    slow stretch the bridge and the broker's confirms account for."""
+    counted = [s for s in samples if s.get("receive_to_confirm_p99_ms") is not None]
+    if not counted:
+        return None
+    over = {key: sum(s[key] > P99_TARGET_MS for s in counted if s.get(key) is not None)
+            for key in ("receive_to_confirm_p99_ms", "publish_to_confirm_p99_ms")}
+    return (f"  in the bridge, p99 over {P99_TARGET_MS:g} ms in {len(counted)} samples read: "
+            f"receive to confirm in {over['receive_to_confirm_p99_ms']}, publish to confirm "
+            f"in {over['publish_to_confirm_p99_ms']}")
 
 
 def _over_target(samples: list[dict], every: float) -> str:
@@ -170,8 +186,18 @@ def _over_target(samples: list[dict], every: float) -> str:
     start = samples[0]["t"]
     worst = sorted(over, key=lambda s: s["p99_ms"], reverse=True)[:WORST_SHOWN]
     return line + ": " + ", ".join(
-        f"{s['p99_ms']:.1f} ms at {s['t'] - start:.0f} s ({_machine(s)})"
+        f"{s['p99_ms']:.1f} ms at {s['t'] - start:.0f} s ({_legs(s)}{_machine(s)})"
         for s in sorted(worst, key=lambda s: s["t"]))
+
+
+def _legs(sample: dict) -> str:
+    """The bridge's own p99s of the stretch, when it was read (bridge/bench/legs.py)."""
+    received, published = (sample.get(k) for k in ("receive_to_confirm_p99_ms",
+                                                    "publish_to_confirm_p99_ms"))
+    if received is None or published is None:
+        return ""
+    return (f"in the bridge: receive to confirm {received:.1f} ms, publish to confirm "
+            f"{published:.1f} ms; ")
 
 
 def _machine(sample: dict) -> str:

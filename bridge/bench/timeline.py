@@ -43,9 +43,11 @@ class Sampler:
     """Call `tick` often; every `interval` of wall clock it records one sample."""
 
     def __init__(self, meter: Meter, interval: float, delivered: Callable[[], int],
-                 spool_bytes: Callable[[], int | None]) -> None:
+                 spool_bytes: Callable[[], int | None],
+                 legs: Callable[[], dict] | None = None) -> None:
         self.meter, self.interval = meter, interval
         self.delivered, self.spool_bytes = delivered, spool_bytes
+        self.legs = legs        # figures since its previous call (bridge/bench/legs.py)
         self.samples: list[dict] = []
         self._due = math.ceil(time.time() / interval) * interval
         self._last: tuple | None = None     # start, cpu, delivered, written, machine
@@ -58,6 +60,7 @@ class Sampler:
         self._due = boundary + self.interval
         cpu, delivered, written = self.meter.cpu(), self.delivered(), self.meter.written()
         machine = _read_machine()
+        legs = self.legs() if self.legs else {}
         if self._last is not None:
             start, last_cpu, last_delivered, last_written, last_machine = self._last
             events = delivered - last_delivered
@@ -66,7 +69,8 @@ class Sampler:
                 "rss_bytes": self.meter.rss(), "cpu_seconds": cpu - last_cpu,
                 "cpu_seconds_per_10k": (cpu - last_cpu) * 10_000 / events if events else None,
                 "written_bytes_per_event": (written - last_written) / events if events else None,
-                "spool_bytes": self.spool_bytes(), **machine_shares(last_machine, machine)})
+                "spool_bytes": self.spool_bytes(), **machine_shares(last_machine, machine),
+                **legs})
         self._last = (boundary, cpu, delivered, written, machine)
 
 

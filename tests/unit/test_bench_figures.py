@@ -10,11 +10,14 @@ import argparse
 import json
 
 import pytest
+from prometheus_client import generate_latest
 
 from bridge.bench.cli import _duration
 from bridge.bench.consumer import Tally
+from bridge.bench.legs import buckets, quantile
 from bridge.bench.report import ratios, soak_summary, table
 from bridge.bench.timeline import flatness, join, machine_jiffies, machine_shares
+from bridge.metrics import Metrics
 
 
 def event(seq: int, sent: float) -> bytes:
@@ -75,6 +78,45 @@ def test_the_soak_summary_names_the_samples_over_the_latency_target():
     for s in samples:
         s["p99_ms"] = 2.0
     assert soak_summary(soak)[-1] == "  p99 over 10 ms in 0 of 20 samples of 10 s"
+
+
+def test_a_legs_p99_is_that_of_what_the_bridge_observed_between_two_reads():
+    metrics = Metrics()
+    receive = metrics.confirm_timer._receive
+    receive.observe(0.0005, 1000)                 # before the first read: not counted
+    before = buckets(generate_latest(metrics.registry).decode())
+    receive.observe(0.0015, 980)                  # between the reads
+    receive.observe(0.300, 20)
+    after = buckets(generate_latest(metrics.registry).decode())
+    name = "tutum_bridge_receive_to_confirm_seconds"
+    # Rank 990 of 1,000 lies halfway through the 20 in the (0.25 s, 0.5 s] bucket.
+    assert quantile(0.99, before[name], after[name]) == pytest.approx(0.375)
+    assert quantile(0.50, before[name], after[name]) == pytest.approx(
+        0.001 + 0.0015 * 500 / 980)
+    publish = "tutum_bridge_publish_to_confirm_seconds"
+    assert quantile(0.99, before[publish], after[publish]) is None     # nothing observed
+
+
+def test_a_leg_past_the_last_bucket_is_that_bucket_as_in_prometheus():
+    before = [(0.5, 0.0), (1.0, 0.0), (float("inf"), 0.0)]
+    after = [(0.5, 0.0), (1.0, 1.0), (float("inf"), 100.0)]
+    assert quantile(0.99, before, after) == 1.0
+
+
+def test_the_soak_summary_says_which_leg_held_a_slow_stretch():
+    samples = [{**sample(1000.0 + 10 * i, 50e6, p99=2.0), "receive_to_confirm_p99_ms": 1.5,
+                "publish_to_confirm_p99_ms": 1.0} for i in range(20)]
+    samples[3].update(p99_ms=300.0, receive_to_confirm_p99_ms=240.0,
+                      publish_to_confirm_p99_ms=1.2)
+    soak = {"events": 400000, "rate": 2000, "seconds": 200.0, "sample_seconds": 10.0,
+            "latency_ms": {"p50": 0.7, "p99": 2.2, "max": 300.0}, "samples": samples,
+            "summary": flatness(samples)}
+    lines = soak_summary(soak)
+    assert lines[-2] == ("  p99 over 10 ms in 1 of 20 samples of 10 s: 300.0 ms at 30 s (in "
+                         "the bridge: receive to confirm 240.0 ms, publish to confirm 1.2 ms; "
+                         "machine CPU unknown)")
+    assert lines[-1] == ("  in the bridge, p99 over 10 ms in 20 samples read: receive to "
+                         "confirm in 1, publish to confirm in 0")
 
 
 def test_samples_join_the_consumer_buckets_of_the_same_stretch():
