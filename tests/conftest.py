@@ -8,6 +8,27 @@ from tests.support import procs
 from tests.support.broker import Topology
 
 
+LOG_TAIL = 4000     # characters of each process's stderr shown with a failure
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test shows the end of every process's stderr (the bridge's log), taken
+    before teardown stops them: tmp_path is gone after a CI run, and a failure that
+    shows once in many runs can only be explained from what its run printed."""
+    outcome = yield
+    report = outcome.get_result()
+    started = getattr(item, "funcargs", {}).get("processes")
+    if report.when == "call" and report.failed and started:
+        for proc in started:
+            try:
+                text = proc.stderr
+            except OSError as exc:
+                text = f"(unreadable: {exc})"
+            report.sections.append((f"{proc.stderr_path.name}, last {LOG_TAIL} characters",
+                                    text[-LOG_TAIL:]))
+
+
 @pytest.fixture
 def topology():
     """Unique exchange/queue names for this test, deleted afterwards."""
