@@ -242,7 +242,8 @@ class Bench:
                     "duplicates": got["duplicates"], "samples": samples,
                     "summary": flatness(samples)}
 
-    def sampler(self, session: Session, interval: float, legs=None) -> Sampler:
+    def sampler(self, session: Session, interval: float,
+                legs: Callable[[], dict] | None = None) -> Sampler:
         spooled = session.name.startswith("real")
         return Sampler(session.meter, interval,
                        lambda: _read_json(session.progress).get("count", 0),

@@ -24,8 +24,9 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-LEGS = {"tutum_bridge_receive_to_confirm_seconds": "receive_to_confirm_p99_ms",
-        "tutum_bridge_publish_to_confirm_seconds": "publish_to_confirm_p99_ms"}
+RECEIVE_P99, PUBLISH_P99 = "receive_to_confirm_p99_ms", "publish_to_confirm_p99_ms"
+LEGS = {"tutum_bridge_receive_to_confirm_seconds": RECEIVE_P99,    # histogram: sample key
+        "tutum_bridge_publish_to_confirm_seconds": PUBLISH_P99}
 SCRAPE_TIMEOUT = 2.0
 
 
@@ -45,18 +46,17 @@ def quantile(q: float, before: list[tuple[float, float]],
     histogram; None when nothing was. An estimate past the last finite bound is that
     bound, as in Prometheus."""
     counts = [(bound, now - then) for (bound, now), (_, then) in zip(after, before)]
-    total = counts[-1][1] if counts else 0
+    total = counts[-1][1] if counts else 0      # the +Inf bucket counts everything
     if total <= 0:
         return None
     rank, lower, below = q * total, 0.0, 0.0
     for bound, cumulative in counts:
-        if cumulative >= rank:
+        if cumulative >= rank:      # in this bucket, so it holds more than `below`
             if math.isinf(bound):
                 return lower
-            inside = cumulative - below
-            return lower + (bound - lower) * (rank - below) / inside if inside else bound
+            return lower + (bound - lower) * (rank - below) / (cumulative - below)
         lower, below = bound, cumulative
-    return lower
+    return lower                    # not reached: the +Inf bucket holds the rank
 
 
 class Legs:

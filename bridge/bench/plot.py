@@ -13,11 +13,11 @@ import argparse
 from pathlib import Path
 
 from bridge.bench.harness import CEILINGS
+from bridge.bench.legs import RECEIVE_P99
 from bridge.errors import ConfigError
 
 MiB = 1024 * 1024
 PERCENTILES = (("p50_ms", "p50", ":"), ("p99_ms", "p99", "-"), ("max_ms", "max", "--"))
-BRIDGE_P99 = "receive_to_confirm_p99_ms"      # the soak's, from the bridge's histogram
 
 
 def check(args: argparse.Namespace) -> None:
@@ -56,8 +56,8 @@ def draw(figures: dict, path: Path) -> None:
             for key, label, style in PERCENTILES:
                 left.plot(xs, [s[key] for s in samples], style, color=colour,
                           label=f"{name} {label}")
-            if any(s.get(BRIDGE_P99) is not None for s in samples):
-                left.plot(xs, [s.get(BRIDGE_P99) for s in samples], "-", color="grey",
+            if any(s.get(RECEIVE_P99) is not None for s in samples):     # the soak's
+                left.plot(xs, [s.get(RECEIVE_P99) for s in samples], "-", color="grey",
                           alpha=0.8, label=f"{name} p99 receive to confirm, in the bridge")
             right.plot(xs, [s["rss_bytes"] / MiB for s in samples], color=colour,
                        label=f"{name} RSS")

@@ -6,6 +6,7 @@ import statistics
 from typing import Callable
 
 from bridge.bench.harness import CEILINGS, HA
+from bridge.bench.legs import PUBLISH_P99, RECEIVE_P99
 
 MiB = 1024 * 1024
 SHARE = "real/min(ceilings)"
@@ -165,14 +166,14 @@ def soak_summary(soak: dict) -> list[str]:
 def _legs_over_target(samples: list[dict]) -> str | None:
     """In how many samples the bridge's own legs were over the target: the part of a
     slow stretch the bridge and the broker's confirms account for."""
-    counted = [s for s in samples if s.get("receive_to_confirm_p99_ms") is not None]
+    counted = [s for s in samples if s.get(RECEIVE_P99) is not None]
     if not counted:
         return None
     over = {key: sum(s[key] > P99_TARGET_MS for s in counted if s.get(key) is not None)
-            for key in ("receive_to_confirm_p99_ms", "publish_to_confirm_p99_ms")}
+            for key in (RECEIVE_P99, PUBLISH_P99)}
     return (f"  in the bridge, p99 over {P99_TARGET_MS:g} ms in {len(counted)} samples read: "
-            f"receive to confirm in {over['receive_to_confirm_p99_ms']}, publish to confirm "
-            f"in {over['publish_to_confirm_p99_ms']}")
+            f"receive to confirm in {over[RECEIVE_P99]}, publish to confirm "
+            f"in {over[PUBLISH_P99]}")
 
 
 def _over_target(samples: list[dict], every: float) -> str:
@@ -192,8 +193,7 @@ def _over_target(samples: list[dict], every: float) -> str:
 
 def _legs(sample: dict) -> str:
     """The bridge's own p99s of the stretch, when it was read (bridge/bench/legs.py)."""
-    received, published = (sample.get(k) for k in ("receive_to_confirm_p99_ms",
-                                                    "publish_to_confirm_p99_ms"))
+    received, published = sample.get(RECEIVE_P99), sample.get(PUBLISH_P99)
     if received is None or published is None:
         return ""
     return (f"in the bridge: receive to confirm {received:.1f} ms, publish to confirm "
