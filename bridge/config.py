@@ -614,6 +614,16 @@ def metrics_address_file(spool: Path) -> Path:
     return spool.with_name(spool.name + ".metrics-address")
 
 
+def bound_metrics_address(spool: Path) -> tuple[str, int] | None:
+    """The (host, port) `run` bound its listener to, from the file beside `spool`;
+    None while it has not written it (not started, or still starting)."""
+    try:
+        host, _, port = metrics_address_file(spool).read_text().strip().rpartition(":")
+        return host, int(port)
+    except (OSError, ValueError):
+        return None
+
+
 def probe_address(environ: Mapping[str, str] | None = None) -> tuple[str, int] | None:
     """Where a health check reaches the bridge configured by `environ`; None when its
     listener is off (BRIDGE_METRICS_ADDR empty)."""
@@ -626,13 +636,13 @@ def probe_address(environ: Mapping[str, str] | None = None) -> tuple[str, int] |
         return None
     host, port = address
     if port == 0:
-        written = metrics_address_file(spool_path(values, environ))
-        try:
-            host, _, port_text = written.read_text().strip().rpartition(":")
-            port = int(port_text)
-        except (OSError, ValueError):
-            raise ConfigError(f"BRIDGE_METRICS_ADDR has port 0 and {written} does not say "
-                              f"which port the bridge bound (not started yet?)") from None
+        spool = spool_path(values, environ)
+        bound = bound_metrics_address(spool)
+        if bound is None:
+            raise ConfigError(f"BRIDGE_METRICS_ADDR has port 0 and "
+                              f"{metrics_address_file(spool)} does not say which port "
+                              f"the bridge bound (not started yet?)")
+        host, port = bound
     # A wildcard address is reached on the loopback of the same host or container.
     return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host), port
 

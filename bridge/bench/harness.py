@@ -32,7 +32,7 @@ from bridge.bench.meter import Meter
 from bridge.bench.proxy import PausedProxy
 from bridge.bench.timeline import Sampler, flatness, join
 from bridge.bench.topology import Topology
-from bridge.config import RUN_SETTINGS, metrics_address_file
+from bridge.config import RUN_SETTINGS, bound_metrics_address
 
 BRIDGES = ("real", "naive-confirm", "naive-fire")
 CEILINGS = ("stream-ceiling", "broker-ceiling")
@@ -386,15 +386,11 @@ class Bench:
 
     def metrics_url(self, name: str, bridge: Child) -> str:
         """The /metrics of a real bridge started with a listener on port 0."""
-        written = metrics_address_file(self.spool(name))
-
-        def address() -> str:
-            try:
-                return written.read_text().strip()
-            except OSError:
-                return ""
-        wait_until(lambda: ":" in address(), 30, f"{name} to open its metrics listener", bridge)
-        return f"http://{address()}/metrics"
+        spool = self.spool(name)
+        wait_until(lambda: bound_metrics_address(spool) is not None, 30,
+                   f"{name} to open its metrics listener", bridge)
+        host, port = bound_metrics_address(spool)
+        return f"http://{host}:{port}/metrics"
 
     def spool(self, name: str) -> Path:
         return self.workdir / f"{name}.spool.sqlite3"

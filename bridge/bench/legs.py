@@ -19,7 +19,6 @@ only as fine as the buckets (1, 2.5, 5, 10, 25, 50, 100, 250, 500 ms, ...).
 
 from __future__ import annotations
 
-import math
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -50,13 +49,11 @@ def quantile(q: float, before: list[tuple[float, float]],
     if total <= 0:
         return None
     rank, lower, below = q * total, 0.0, 0.0
-    for bound, cumulative in counts:
+    for bound, cumulative in counts[:-1]:       # the finite buckets
         if cumulative >= rank:      # in this bucket, so it holds more than `below`
-            if math.isinf(bound):
-                return lower
             return lower + (bound - lower) * (rank - below) / (cumulative - below)
         lower, below = bound, cumulative
-    return lower                    # not reached: the +Inf bucket holds the rank
+    return lower                    # in the +Inf bucket
 
 
 class Legs:
