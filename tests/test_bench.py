@@ -56,6 +56,7 @@ def assert_nothing_left(names: dict[str, str]) -> None:
 SOAK = ["--soak", "5s", "--soak-rate", "200", "--sample-seconds", "1"]
 BRIDGES = {"real", "naive-confirm", "naive-fire", "real-ha"}
 CEILINGS = {"stream-ceiling", "broker-ceiling"}
+LIMITS = CEILINGS | {"pipe-ceiling"}      # rows measured in bursts only
 
 
 @pytest.mark.slow
@@ -66,21 +67,23 @@ def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
 
     report = json.loads(out.read_text())
-    assert set(report["bridges"]) == BRIDGES | CEILINGS
+    assert set(report["bridges"]) == BRIDGES | LIMITS
     for name, figures in report["bridges"].items():
         assert figures["burst"]["events"] == 2000
         assert figures["burst"]["events_per_second"] > 0, name
         assert figures["burst"]["cpu_seconds_per_10k"] > 0, name
         assert figures["peak_rss_bytes"] > 1024 * 1024, name
         assert name in stdout  # a row of the table
-        if name in CEILINGS:
+        if name in LIMITS:
             continue
         assert figures["latency"]["events"] == 600
         latency = figures["latency"]["latency_ms"]
         assert 0 < latency["p50"] <= latency["p99"] <= latency["max"], name
         assert figures["latency"]["samples"], name   # what the plot draws
-    assert set(report["ratios"]) == {"real/naive-confirm", "real/naive-fire",
-                                     "real/min(ceilings)", "real-ha/real"}
+    assert set(report["ratios"]) == {"real/naive-confirm", "real/naive-fire", "real/pipe-ceiling",
+                                     "real/min(ceilings)", "pipe-ceiling/min(ceilings)",
+                                     "real-ha/real"}
+    assert report["bridges"]["pipe-ceiling"]["burst"]["duplicates"] == 0
     share = report["ratios"]["real/min(ceilings)"]
     assert share["limit"] in CEILINGS and share["burst"] > 0
     assert "of the limit, set by" in stdout and len(share["rounds"]) == 2

@@ -20,6 +20,18 @@ bridge/amqp_encode.py). Then, timed, it publishes them over one `SelectConnectio
 with pipelined confirms and the bridge's window of unconfirmed messages, refilled as
 the bridge refills it (bridge/confirms.py, `ready_to_refill`), each batch in one write.
 `--out` gets {started} when publishing starts, then {confirmed_at, cpu_seconds} too.
+
+    python -m bridge.bench.ceiling pipe STREAM_URL --expect N --out F \
+        --amqp-url URL --exchange X --window W
+
+`pipe`, the two halves chained: the least any bridge built on these libraries must do,
+timed like a bridge (first send to last delivery, its CPU read from outside). One
+thread, pika's ioloop, also watches the websocket: each frame read (the stream
+ceiling's reader) is published at once as a persistent message of its own payload,
+through the broker ceiling's window and writes, with no parse, no headers, one routing
+key and no spool. The ceilings each have the machine to themselves; on this one the
+halves of a bridge share it with the simulator, the broker and the consumer, and the
+pipe says what rate that sharing leaves. `--out` gets {confirmed_at} at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import argparse
 import json
 import signal
 import time
+from collections import deque
 
 import pika
 import websocket
@@ -77,12 +90,16 @@ def stream_ceiling(args: argparse.Namespace) -> None:
 
 
 class Publisher:
-    """Publishes pre-built messages through a window of unconfirmed ones, then stops."""
+    """Publishes messages through a window of unconfirmed ones, then stops.
 
-    def __init__(self, args: argparse.Namespace, events: list) -> None:
-        self.args, self.events = args, events
-        self.wire: list[bytes] = []
-        self.next = 0                       # index of the next message to publish
+    `waiting` holds the wire bytes of what is still to publish; `complete` says that
+    nothing more will join it, so the last confirm ends the run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.waiting: deque[bytes] = deque()
+        self.complete = False
+        self.published = 0                  # the last delivery tag used
         self.floor = 0                      # every tag up to this is confirmed
         self.unconfirmed: set[int] = set()
         self.result: dict = {}
@@ -93,7 +110,17 @@ class Publisher:
     def run(self) -> None:
         self.connection.ioloop.start()
         if "confirmed_at" not in self.result:
-            raise SystemExit(f"ceiling: the broker connection ended: {self.result.get('error')}")
+            raise SystemExit(f"ceiling: the run ended early: {self.result.get('error')}")
+
+    def on_ready(self) -> None:
+        """The channel is in confirm mode: begin."""
+        raise NotImplementedError
+
+    def encode(self, body: bytes, routing_key: str, message_id: str, timestamp: int,
+               headers: dict) -> bytes:
+        return encode_publish(self.channel.channel_number, self.args.exchange, routing_key,
+                              body, message_id=message_id, timestamp=timestamp,
+                              headers=headers, frame_max=self.connection.params.frame_max)
 
     def _on_open(self, connection) -> None:
         connection.channel(on_open_callback=self._on_channel)
@@ -108,30 +135,21 @@ class Publisher:
 
     def _on_channel(self, channel) -> None:
         self.channel = channel
-        channel.confirm_delivery(self._on_confirm, callback=self._on_ready)
+        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self.on_ready())
 
-    def _on_ready(self, _frame) -> None:
-        number, frame_max = self.channel.channel_number, self.connection.params.frame_max
-        self.wire = [encode_publish(number, self.args.exchange, ev.routing_key, ev.body,
-                                    message_id=f"ceiling-{i}", timestamp=int(ev.received_at),
-                                    headers=ev.headers, frame_max=frame_max)
-                     for i, ev in enumerate(self.events, 1)]
-        self.result["started"] = time.time()
-        self.cpu_start = time.process_time()
-        write_json(self.args.out, self.result)
-        self._pump()
-
-    def _pump(self) -> None:
+    def pump(self) -> None:
         if not ready_to_refill(len(self.unconfirmed), self.args.window, self.args.window):
             return
-        while self.next < len(self.wire):
-            room = self.args.window - len(self.unconfirmed)
+        waiting = self.waiting
+        while waiting:
+            room = min(self.args.window - len(self.unconfirmed), BATCH, len(waiting))
             if room <= 0:
                 return
-            end = min(self.next + room, self.next + BATCH, len(self.wire))
-            self.connection._output_marshaled_frames([b"".join(self.wire[self.next:end])])
-            self.unconfirmed.update(range(self.next + 1, end + 1))   # delivery tags from 1
-            self.next = end
+            self.connection._output_marshaled_frames(
+                [b"".join([waiting.popleft() for _ in range(room)])])
+            first = self.published + 1                                  # tags from 1
+            self.published += room
+            self.unconfirmed.update(range(first, self.published + 1))
 
     def _on_confirm(self, frame) -> None:
         method = frame.method
@@ -144,22 +162,84 @@ class Publisher:
             self.floor = max(self.floor, method.delivery_tag)
         else:
             self.unconfirmed.discard(method.delivery_tag)
-        if self.next == len(self.wire) and not self.unconfirmed:
+        if self.complete and not self.waiting and not self.unconfirmed:
             self.result["confirmed_at"] = time.time()
             self.result["cpu_seconds"] = time.process_time() - self.cpu_start
             write_json(self.args.out, self.result)
             return self.connection.close()
-        self._pump()
+        self.pump()
+
+
+class BrokerCeiling(Publisher):
+    """Publishes the bridge's messages, built beforehand, as fast as the window allows."""
+
+    def __init__(self, args: argparse.Namespace, events: list) -> None:
+        super().__init__(args)
+        self.events = events
+
+    def on_ready(self) -> None:
+        self.waiting.extend(self.encode(ev.body, ev.routing_key, f"ceiling-{i}",
+                                        int(ev.received_at), ev.headers)
+                            for i, ev in enumerate(self.events, 1))
+        self.complete = True
+        self.result["started"] = time.time()
+        self.cpu_start = time.process_time()
+        write_json(self.args.out, self.result)
+        self.pump()
+
+
+class Pipe(Publisher):
+    """Publishes each frame as it is read, on the ioloop's thread: nothing in between."""
+
+    ROUTING_KEY = "pipe.ceiling"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.ws = websocket.create_connection(args.stream_url, skip_utf8_validation=True)
+        self.sock = self.ws.sock
+        self.parser = frames.FrameParser(MAX_FRAME)
+        self.seen_auth, self.count = False, 0
+
+    def on_ready(self) -> None:
+        self.cpu_start = time.process_time()
+        self.sock.setblocking(False)
+        ioloop = self.connection.ioloop
+        ioloop.add_handler(self.sock.fileno(), self._on_readable, ioloop.READ)
+        self._on_readable()              # frames that came with the handshake
+
+    def _on_readable(self, _fd=None, _events=None) -> None:
+        try:
+            data = self.sock.recv(1 << 18)
+        except BlockingIOError:
+            return
+        if not data:
+            self.result["error"] = f"the stream closed after {self.count} events"
+            return self.connection.close()
+        self.parser.feed(data)
+        while (frame := self.parser.next()) is not None:
+            if frame.opcode not in (frames.TEXT, frames.BINARY):
+                continue
+            if not self.seen_auth:
+                self.seen_auth = True
+                continue
+            self.count += b'"sim_seq"' in frame.payload
+            self.waiting.append(self.encode(frame.payload, self.ROUTING_KEY,
+                                            f"pipe-{self.published + len(self.waiting) + 1}",
+                                            int(time.time()), {}))
+        if self.count >= self.args.expect:
+            self.complete = True
+            self.connection.ioloop.remove_handler(self.sock.fileno())
+        self.pump()
 
 
 def broker_ceiling(args: argparse.Namespace) -> None:
     events = [classify(payload, at) for payload, at in read_events(args.stream_url, args.expect)]
-    Publisher(args, [ev for ev in events if ev is not None]).run()
+    BrokerCeiling(args, [ev for ev in events if ev is not None]).run()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("kind", choices=("stream", "broker"))
+    parser.add_argument("kind", choices=("stream", "broker", "pipe"))
     parser.add_argument("stream_url", help="ws://host/v1/events?token=KEY&user=USER")
     parser.add_argument("--expect", type=int, required=True)
     parser.add_argument("--out", required=True)
@@ -167,7 +247,7 @@ def main() -> None:
     parser.add_argument("--exchange")
     parser.add_argument("--window", type=int, default=2000)
     args = parser.parse_args()
-    (stream_ceiling if args.kind == "stream" else broker_ceiling)(args)
+    {"stream": stream_ceiling, "broker": broker_ceiling, "pipe": lambda a: Pipe(a).run()}[args.kind](args)
     # Stay until the benchmark stops us: an exited process has no memory figures to read.
     signal.pause()
 

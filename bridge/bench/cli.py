@@ -3,8 +3,9 @@ and against the limits of the machine.
 
 Measures, for each bridge, burst throughput, latency at a fixed rate, CPU per event,
 peak memory and idle CPU, and the burst of the two ceilings (the stream read and the
-broker written as fast as this machine and these libraries allow), then prints a
-table (and `--json` writes every figure). `--soak` adds a long run at a fixed rate,
+broker written as fast as this machine and these libraries allow) and of the pipe
+(both halves chained, doing nothing else: what sharing the machine leaves), then
+prints a table (and `--json` writes every figure). `--soak` adds a long run at a fixed rate,
 sampled as it goes, and `--plot` draws the latency and soak phases over time.
 Whatever it started it stops, and whatever it declared on the broker it deletes,
 also on Ctrl-C, which exits 130 after the cleanup.
@@ -27,7 +28,7 @@ import pika
 
 from bridge.bench import plot
 from bridge.bench.children import BenchError
-from bridge.bench.harness import BRIDGES, CEILINGS, HA, Bench, Settings
+from bridge.bench.harness import BRIDGES, HA, LIMITS, Bench, Settings
 from bridge.bench.report import ratios, table
 from bridge.config import Setting, child_environment, from_environment, parse_amqp_urls, redact_url
 from bridge.config import add_arguments as add_settings
@@ -90,7 +91,7 @@ def _duration(text: str) -> float:
 
 def _bridges(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    known = BRIDGES + CEILINGS + (HA,)
+    known = BRIDGES + LIMITS + (HA,)
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
@@ -110,9 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="length of the latency run (default 20)")
     parser.add_argument("--idle-seconds", type=_seconds, default=30.0,
                         help="how long idle CPU is measured (default 30)")
-    parser.add_argument("--bridges", type=_bridges, default=BRIDGES + CEILINGS,
+    parser.add_argument("--bridges", type=_bridges, default=BRIDGES + LIMITS,
                         help=f"which bridges and ceilings to measure "
-                             f"(default {','.join(BRIDGES + CEILINGS)})")
+                             f"(default {','.join(BRIDGES + LIMITS)})")
     parser.add_argument("--ha", action="store_true",
                         help=f"also measure {HA}: the real bridge with BRIDGE_HA=on, leading, "
                              f"with a second replica witnessing")

@@ -3,8 +3,9 @@
 Every measurement is a fresh session: a simulator that starts sending when a client
 connects, the benchmark's consumer on the run's queue, and the bridge under test,
 all separate processes on real sockets. Bridges run one after another, never side by
-side, so each has the machine (such as it is) to itself. The ceilings
-(bridge/bench/ceiling.py) are measured the same way, burst only; the soak runs the
+side, so each has the machine (such as it is) to itself. The ceilings and the pipe
+(bridge/bench/ceiling.py) are measured the same way, burst only, the pipe timed as a
+bridge is (it is one, doing nothing but read and publish); the soak runs the
 real bridge at a fixed rate for a long time, sampled as it goes (bridge/bench/timeline.py).
 `real-ha` is the real bridge with BRIDGE_HA=on and a second replica witnessing, on a
 `--fanout` simulator that starts the world once both are connected: the figures are
@@ -36,6 +37,8 @@ from bridge.config import RUN_SETTINGS, bound_metrics_address
 
 BRIDGES = ("real", "naive-confirm", "naive-fire")
 CEILINGS = ("stream-ceiling", "broker-ceiling")
+PIPE = "pipe-ceiling"          # the two halves chained: what sharing the machine leaves
+LIMITS = CEILINGS + (PIPE,)    # rows measured in bursts only
 HA = "real-ha"
 HA_SIM_FLAGS = ("--fanout", "--clients", "2")
 PREBUILD_MAX = 500_000      # events: about 300 MB of frames in the simulator
@@ -56,7 +59,7 @@ class Settings:
     rate: int = 1_000
     latency_seconds: float = 20.0
     idle_seconds: float = 30.0
-    bridges: tuple[str, ...] = BRIDGES + CEILINGS
+    bridges: tuple[str, ...] = BRIDGES + LIMITS
     skip_latency: bool = False
     skip_idle: bool = False
     backlog: int = 0
@@ -149,7 +152,7 @@ class Bench:
 
     def measure(self, bridge: str, burst: dict) -> dict:
         s = self.settings
-        if bridge in CEILINGS:
+        if bridge in LIMITS:
             return {"burst": burst, "peak_rss_bytes": burst["peak_rss_bytes"]}
         figures = {"burst": burst}
         if not s.skip_latency:
@@ -374,7 +377,7 @@ class Bench:
                 "LOG_LEVEL": "warning", **env})
         stream = f"{sim.info['url']}/v1/events?" + urlencode({"token": self.apikey,
                                                                "user": SIM_USER})
-        if bridge in CEILINGS:
+        if bridge in LIMITS:
             kind = bridge.split("-")[0]
             return self.children.start(name, [
                 "-m", "bridge.bench.ceiling", kind, stream, "--expect", str(count),

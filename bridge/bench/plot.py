@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bridge.bench.harness import CEILINGS
+from bridge.bench.harness import LIMITS
 from bridge.bench.legs import RECEIVE_P99
 from bridge.errors import ConfigError
 
@@ -26,7 +26,7 @@ def check(args: argparse.Namespace) -> None:
         import matplotlib  # noqa: F401 - only whether it is there
     except ImportError:
         raise ConfigError("--plot needs matplotlib: pip install 'tutum-bridge[plot]'") from None
-    bridges = [b for b in args.bridges if b not in CEILINGS]
+    bridges = [b for b in args.bridges if b not in LIMITS]
     if not args.soak and (args.skip_latency or not bridges):
         raise ConfigError("--plot draws the latency and soak phases, and this run has neither")
 

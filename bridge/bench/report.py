@@ -5,11 +5,12 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
-from bridge.bench.harness import CEILINGS, HA
+from bridge.bench.harness import CEILINGS, HA, PIPE
 from bridge.bench.legs import PUBLISH_P99, RECEIVE_P99
 
 MiB = 1024 * 1024
 SHARE = "real/min(ceilings)"
+PIPE_SHARE = f"{PIPE}/min(ceilings)"
 
 
 def _get(*path: str) -> Callable[[dict], float | None]:
@@ -34,8 +35,10 @@ COLUMNS: list[tuple[str, Callable[[dict], float | None], str]] = [
 
 
 def ratios(figures: dict) -> dict:
-    """The real bridge against each naive one (burst throughput and CPU per event), and
-    its burst as a share of the lower ceiling: how close it comes to the machine's limit."""
+    """The real bridge against each naive one and the pipe (burst throughput and CPU per
+    event), and its burst as a share of the lower ceiling: how close it comes to the
+    machine's limit. The pipe's own share says how much of that limit is left to any
+    bridge once its two halves share the machine."""
     real = figures.get("real")
     if real is None:
         return {}
@@ -50,10 +53,13 @@ def ratios(figures: dict) -> dict:
     ceilings = {name: burst(figures[name]) for name in CEILINGS if name in figures}
     if ceilings:
         limit = min(ceilings, key=ceilings.get)
-        out[SHARE] = {"burst": _ratio(real, figures[limit], burst), "limit": limit}
-        by_round = _share_by_round(real, [figures[name] for name in ceilings])
-        if len(by_round) > 1:
-            out[SHARE].update(burst=statistics.median_low(by_round), rounds=by_round)
+        for key, row in ((SHARE, real), (PIPE_SHARE, figures.get(PIPE))):
+            if row is None:
+                continue
+            out[key] = {"burst": _ratio(row, figures[limit], burst), "limit": limit}
+            by_round = _share_by_round(row, [figures[name] for name in ceilings])
+            if len(by_round) > 1:
+                out[key].update(burst=statistics.median_low(by_round), rounds=by_round)
     if HA in figures:
         ha, cpu = figures[HA], _get("burst", "cpu_seconds_per_10k")
         standby = _get("burst", "standby", "cpu_seconds_per_10k")(ha)
@@ -66,10 +72,10 @@ def ratios(figures: dict) -> dict:
     return out
 
 
-def _share_by_round(real: dict, ceilings: list[dict]) -> list[float]:
-    """The real bridge's burst over the lower ceiling of the same round, round by round:
+def _share_by_round(row: dict, ceilings: list[dict]) -> list[float]:
+    """A row's burst over the lower ceiling of the same round, round by round:
     a slow stretch of the machine slows every row of its round, not the others."""
-    rows = [f["burst"].get("rounds") for f in (real, *ceilings)]
+    rows = [f["burst"].get("rounds") for f in (row, *ceilings)]
     if any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
         return []
     rate = "events_per_second"
@@ -103,7 +109,7 @@ def table(figures: dict) -> str:
             for name, rounds in by_round.items()))
     for pair, r in ratios(figures).items():
         burst = "-" if r["burst"] is None else f"{r['burst']:.2f}x"
-        if pair == SHARE:
+        if pair in (SHARE, PIPE_SHARE):
             share = "-" if r["burst"] is None else f"{100 * r['burst']:.0f}%"
             line = f"{pair}: burst throughput {burst} ({share} of the limit, set by {r['limit']})"
             if "rounds" in r:

@@ -153,6 +153,21 @@ def test_with_rounds_the_share_is_the_median_of_each_rounds_own_share():
     assert "burst ev/s by round (the table shows the median): real 8000 4000 9000;" in text
 
 
+def test_the_pipe_is_a_bridge_to_compare_with_and_has_its_own_share_of_the_limit():
+    # The pipe reads and publishes and does nothing else: the real bridge's extra CPU
+    # per event is its own work, and the pipe's share is what the machine leaves.
+    figures = {"real": burst(8000), "pipe-ceiling": {"burst": {
+                   "events_per_second": 9000, "cpu_seconds_per_10k": 0.4}},
+               "stream-ceiling": burst(40000), "broker-ceiling": burst(10000)}
+    out = ratios(figures)
+    assert out["real/pipe-ceiling"]["cpu_per_event"] == 2.5
+    assert out["pipe-ceiling/min(ceilings)"] == {"burst": 0.9, "limit": "broker-ceiling"}
+    assert out["real/min(ceilings)"]["burst"] == 0.8
+    text = table(figures)
+    assert "real/pipe-ceiling: burst throughput 0.89x, CPU per event 2.50x" in text
+    assert "pipe-ceiling/min(ceilings): burst throughput 0.90x (90% of the limit" in text
+
+
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800),
                                            ("1.5h", 5400)])
 def test_durations(text, seconds):
