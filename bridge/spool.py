@@ -566,7 +566,10 @@ class Spool:
             with self._db_lock:
                 if self._closed:
                     break
-                if failing and self._confirmed == self._next_seq - 1:
+                # Wedged: maintenance the disk refused, or an append refused with nothing
+                # to delete or checkpoint (a start on a full disk over a drained spool).
+                wedged = failing or self._unwritable
+                if wedged and self._confirmed == self._next_seq - 1:
                     if db is not None:
                         db.close()
                         db = None

@@ -19,6 +19,7 @@ import pytest
 from bridge import spool as spool_mod
 from bridge.event import Event, classify, derive_headers
 from bridge.spool import Spool, SpoolUnwritable
+from tests.support.wait import wait_for
 
 
 def event(n: int, size: int = 0) -> Event:
@@ -237,6 +238,30 @@ def test_a_wedged_full_spool_is_rebuilt_even_when_no_checkpoint_is_due(tmp_path,
     spool._db = RefusingDeletes(spool._db)
     spool.confirm(10)
     assert spool.unwritable                             # the confirm's own DELETE failed
+    assert spool.wait_for_room(5), "the full spool was never rebuilt"
+    assert spool.append([event(n) for n in range(10, 20)]) == 20
+    assert [seq for seq, _ in spool.read(0, 100)] == list(range(11, 21))
+    spool.close()
+
+
+def test_a_full_spool_with_nothing_pending_is_rebuilt_when_an_append_is_refused(
+        tmp_path, monkeypatch):
+    """A bridge started on a full disk over a spool whose every event was confirmed
+    (the last run drained it): no DELETE or checkpoint is due to fail, only the append
+    is refused. That is wedged too, and only the rebuild makes room (seen in
+    tests/test_faults_stream.py, after a stop on a full disk)."""
+    monkeypatch.setattr(spool_mod, "RETRY_EVERY", 0.05)
+    spool = open_spool(tmp_path)
+    spool.append([event(n) for n in range(10)])
+    spool.confirm(10)
+    # The last run's maintenance is done: rows deleted, and checkpointed since.
+    wait_for(lambda: spool._deleted == 10 and spool._written_since_checkpoint == 0, 10,
+             what="the confirmed rows to be deleted and checkpointed")
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(SpoolUnwritable):
+        spool.append([event(n, size=4000) for n in range(10, 100)])
+    assert spool.pending == 0 and spool.unwritable
     assert spool.wait_for_room(5), "the full spool was never rebuilt"
     assert spool.append([event(n) for n in range(10, 20)]) == 20
     assert [seq for seq, _ in spool.read(0, 100)] == list(range(11, 21))
