@@ -39,6 +39,7 @@ SPOOL_ERROR_LOG_EVERY = 10.0   # seconds between log lines of the same spool err
 MAIN_BUDGET = 15.0
 PUBLISHER_BUDGET = 30.0
 STUCK_MARGIN = 30.0
+STREAM_JOIN = 5.0      # seconds a stopping stream thread is waited for, at least
 
 
 def add_arguments(parser) -> None:
@@ -130,13 +131,17 @@ class Bridge:
         for heart in (main_heart, stream_heart, publisher_heart):
             heart.stop()
         self._log.info("bridge.stopping", pending=spool.pending)
-        sink.stopping.set()
-        stream.stop()
-        stream_thread.join(timeout=5)
+        deadline = time.monotonic() + cfg.shutdown_timeout
+        sink.stop(deadline)
+        stream.stop(deadline)
+        # At once, but for a sink holding a batch that a full disk refused: it waits,
+        # up to the deadline, while the publisher (still running, not yet draining)
+        # empties the spool and the spool rebuilds its files to make room.
+        stream_thread.join(timeout=max(STREAM_JOIN, deadline - time.monotonic()))
         if self._fatal_from_broker:
             publisher.stop_now()
         else:
-            publisher.drain_and_stop(cfg.shutdown_timeout)
+            publisher.drain_and_stop(max(0.0, deadline - time.monotonic()))
         if ha:
             ha.stop()       # after the drain: a leader's last reports, then the lock
         left = spool.pending

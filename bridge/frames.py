@@ -209,6 +209,16 @@ class FrameReader:
             if not self._fill(deadline - time.monotonic()):
                 return None
 
+    def read_in_memory(self) -> Frame | None:
+        """The next message or control frame already complete in this process (parsed,
+        or decrypted and waiting in TLS), or None: nothing is read from the network."""
+        while True:
+            frame = self._parser.next()
+            if frame is not None or not (isinstance(self._sock, ssl.SSLSocket)
+                                         and self._sock.pending()):
+                return frame
+            self._parser.feed(self._sock.recv(self._sock.pending()))
+
     def _fill(self, timeout: float) -> bool:
         if not (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()):
             ready, _, _ = select.select([self._sock], [], [], max(timeout, 0))

@@ -23,10 +23,6 @@ from bridge.spool import Spool, SpoolUnwritable
 
 MAX_BATCH = 1000               # events handed to the spool in one transaction, at most
 ROOM_POLL = 0.5                # seconds between looks at a full spool
-# On shutdown the batch in hand still goes in if it can: it was read, so it is ours.
-# A full disk that stays full this long after the stop is the one case where the
-# batch cannot be kept, and the log says how many events that was.
-STOP_GRACE = 3.0
 
 
 class SpoolingSink:
@@ -52,9 +48,19 @@ class SpoolingSink:
         self._lost_at: float | None = spool.previous_run_received_at
         self._connections = 0
         self.stopping = threading.Event()
+        self._stop_deadline = float("inf")     # time.monotonic(); see `stop`
         self.spooled_total = 0
         self._received = metrics.received.labels("event")
         self._received_invalid = metrics.received.labels("quarantined")
+
+    def stop(self, deadline: float) -> None:
+        """The bridge is stopping: the batch in hand still goes in if the spool takes it
+        by `deadline` (time.monotonic()), the byte bound giving way, since it was read
+        and the stream cannot send it again. Meanwhile the publisher empties the spool
+        and a full disk's spool rebuilds its files; a disk still full at the deadline is
+        the one case where the batch is dropped, and the log says how many events."""
+        self._stop_deadline = deadline
+        self.stopping.set()
 
     def authenticated(self, at: float) -> None:
         self._connections += 1
@@ -133,7 +139,6 @@ class SpoolingSink:
         retried every ROOM_POLL, as only a write can tell when there is room again.
         """
         waiting_since: float | None = None
-        stop_deadline: float | None = None
         error: str | None = None
         while True:
             # On stop the byte bound gives way: one batch over it beats a lost event.
@@ -157,14 +162,13 @@ class SpoolingSink:
                                       detail="not reading the stream until the broker "
                                              "takes events")
             if self.stopping.is_set():
-                stop_deadline = stop_deadline or now + STOP_GRACE
-                if now >= stop_deadline:
+                if now >= self._stop_deadline:
                     self._metrics.backpressure.set(0)
                     self._log.error("spool.batch_dropped", events=len(batch),
                                     detail="stopping while the spool's filesystem is full")
                     self._batch, self._quarantined = [], 0
                     return False
-            self._spool.wait_for_room(ROOM_POLL)
+            self._spool.wait_for_room(min(ROOM_POLL, max(0.0, self._stop_deadline - now)))
             self._beat()
         if waiting_since is not None:
             self._metrics.backpressure.set(0)

@@ -42,7 +42,9 @@ from bridge.errors import TLSVerificationError, UpstreamUnauthorized
 
 CONNECT_TIMEOUT = 10.0
 AUTH_TIMEOUT = 15.0
-CLOSE_TIMEOUT = 2.0      # on stop, how long to read on while the close handshake runs
+CLOSE_TIMEOUT = 2.0      # on stop, how long to read on while the close handshake runs,
+                         # not counting the time the sink held the reader (a full disk)
+SINK_HELD = 0.05         # seconds in the sink that count as held (waiting), not as work
 STOP_CHECK_EVERY = 0.5   # seconds between looks at the stop flag while authenticating
 
 
@@ -85,6 +87,7 @@ class StreamReader:
         self._opening: socket.socket | None = None     # the socket of a connect attempt
         self._context: ssl.SSLContext | None = None
         self._close_deadline: float | None = None
+        self._stop_by = float("inf")       # the latest the close deadline may move to
         self.state = State.CLOSED
         # Seconds to let frames gather in the socket between reads (`pace`); 0: none.
         self._gather = 0.0
@@ -105,17 +108,19 @@ class StreamReader:
 
     # --- control, from any thread ----------------------------------------------------
 
-    def stop(self) -> None:
+    def stop(self, deadline: float = float("inf")) -> None:
         """Stop reading; `run` returns after handing what it read to the sink.
 
         While streaming, this starts the websocket close handshake and the reader goes
-        on until the server's Close (or `CLOSE_TIMEOUT`): frames the server sent before
-        it saw our Close are on the wire, and the stream cannot send them again.
+        on until the server's Close (or `CLOSE_TIMEOUT` of its own time, or `deadline`,
+        a time.monotonic()): frames the server sent before it saw our Close are on the
+        wire, and the stream cannot send them again.
         """
         ws = self._ws
+        self._stop_by = deadline
         if self.state is State.STREAMING and ws is not None:
             self.state = State.CLOSING
-            self._close_deadline = time.monotonic() + CLOSE_TIMEOUT
+            self._close_deadline = min(time.monotonic() + CLOSE_TIMEOUT, deadline)
             self._stopping.set()
             try:
                 ws.send_close(reason=b"bridge stopping")
@@ -295,12 +300,14 @@ class StreamReader:
         flushed_at = float("-inf")
         while True:
             if self._stopping.is_set() and self._closing_done():
+                self._hand_over_what_was_read()
                 break
             if not self._reader.buffered():
                 started = time.monotonic()
                 self._sink.flush()
                 # Time spent blocked in the sink (a full spool) is not the server's silence.
                 blocked = time.monotonic() - started
+                self._held(blocked)
                 last_heard += blocked
                 ping_sent = None if ping_sent is None else ping_sent + blocked
                 gather = self._gather
@@ -324,9 +331,34 @@ class StreamReader:
             last_heard, ping_sent = time.monotonic(), None
             if frame.opcode == frames.CLOSE and self._stopping.is_set():
                 break                     # the server answered our Close: nothing follows
-            self._deliver(frame, time.time())
+            if self._close_deadline is None:
+                self._deliver(frame, time.time())
+            else:
+                started = time.monotonic()
+                self._deliver(frame, time.time())
+                self._held(time.monotonic() - started)
         self._sink.flush()
         self._sink.lost(time.time(), "the bridge is stopping")
+
+    def _held(self, seconds: float) -> None:
+        """The sink held the reader (waiting for room): while closing, that time is not
+        the server's delay in answering our Close, so the close deadline moves by it."""
+        if self._close_deadline is not None and seconds > SINK_HELD:
+            self._close_deadline = min(self._close_deadline + seconds, self._stop_by)
+
+    def _hand_over_what_was_read(self) -> None:
+        """Past the close deadline (a sink that held the reader on a full disk, a server
+        that never answers Close), the frames already in memory still go to the sink:
+        they were read, and the stream cannot send them again. The socket is not read."""
+        while True:
+            try:
+                frame = self._reader.read_in_memory()
+            except (frames.ConnectionClosed, frames.ProtocolError, OSError, ValueError):
+                return
+            if frame is None:
+                return
+            if frame.opcode in (frames.TEXT, frames.BINARY):
+                self._deliver(frame, time.time())
 
     def _closing_done(self) -> bool:
         return self._close_deadline is None or time.monotonic() >= self._close_deadline

@@ -88,6 +88,54 @@ def test_the_spools_filesystem_fills_up_and_nothing_is_lost(small_fs, rig):  # n
     assert rig.metric(proc, "tutum_bridge_spool_unwritable") == 0
 
 
+BROKER_BACK_AFTER = 4.0     # seconds into the stop: past the sink's old 3-s grace
+
+
+def test_sigterm_while_the_spools_disk_is_full_loses_nothing(small_fs, rig):  # noqa: F811
+    """SIGTERM while the broker is away and the spool's filesystem is full, the broker
+    back 4 s into the stop (BRIDGE_SHUTDOWN_TIMEOUT=30). The batch the sink holds
+    waits for room as long as the stop allows, while the publisher empties the spool
+    and the spool rebuilds its files; the time the sink held the reader does not count
+    against the close handshake, so the reader still takes every frame the server sent
+    before its Close; and the next run on that filesystem (full again, every event
+    confirmed) rebuilds its spool too. Every event arrives, in order."""
+    sim = rig.simulator("--rate", "3000", "--count", "9000")
+    proxy = rig.broker_proxy()
+    spool = str(small_fs / "spool.sqlite3")
+    first = rig.bridge(sim, via=proxy, BRIDGE_SPOOL=spool, BRIDGE_SHUTDOWN_TIMEOUT="30")
+    rig.wait_delivered(300)
+    proxy.pause()
+    rig.wait_log(first, "spool.disk_full", 60)
+
+    def received():
+        return rig.metric(first, "tutum_bridge_frames_received_total", 'kind="event"')
+
+    def plateau():
+        before = received()
+        time.sleep(1.0)     # a second without a single event spooled: the reader stopped
+        return received() == before and before
+    # Stored: the bridge.connected event and the simulator's events up to `stored`.
+    stored = int(wait_for(plateau, 30, 0, what="the bridge to stop taking events")) - 1
+
+    began = time.monotonic()
+    first.signal(signal.SIGTERM)
+    time.sleep(BROKER_BACK_AFTER)       # the fault's length, not a wait for a condition
+    proxy.resume()
+    code = first.wait(60)
+    took = time.monotonic() - began
+    left = rig.log_events(first, "bridge.stopped")[0]["left_in_spool"]
+    first_sent = wait_for(lambda: rig.session_counts(sim).get(1), 20,
+                          what="the simulator to see the first connection close")
+    rig.bridge(sim, name="bridge2", BRIDGE_SPOOL=spool)
+    ledger = rig.settle(sim, 9000, exit_seconds=round(took, 2), left_in_spool=left,
+                        stored_before_stop=stored, first_connection_sent=first_sent)
+
+    assert code == 0, first.stderr[-3000:]
+    assert took <= 30 + 3
+    assert rig.log_events(first, "spool.batch_dropped") == []
+    assert_guarantee(ledger)
+
+
 # --- the stream's side, from the hostile server ---------------------------------------
 
 def numbered(first: int, last: int) -> list[Frame]:

@@ -6,12 +6,14 @@ A real spool; its disk is "full" by SQLite's own SQLITE_FULL (a capped page coun
 from __future__ import annotations
 
 import threading
+import time
 
 import structlog
 
 from bridge.metrics import Metrics
 from bridge.sink import SpoolingSink
 from bridge.spool import Spool
+from tests.support.wait import wait_for
 
 
 def frame(n: int) -> bytes:
@@ -47,8 +49,7 @@ def test_a_full_disk_blocks_the_stream_keeps_the_batch_and_stores_it_when_room_r
     spool.close()
 
 
-def test_on_stop_with_the_disk_still_full_the_sink_gives_up_after_its_grace(tmp_path, monkeypatch):
-    monkeypatch.setattr("bridge.sink.STOP_GRACE", 0.2)
+def test_on_stop_with_the_disk_still_full_the_sink_gives_up_at_the_deadline(tmp_path):
     spool = Spool(tmp_path / "spool.sqlite3", 1 << 30)
     sink = SpoolingSink(spool, lambda: None, Metrics(), structlog.get_logger(),
                         max_frame_bytes=1 << 20, stream_url="ws://x")
@@ -56,9 +57,32 @@ def test_on_stop_with_the_disk_still_full_the_sink_gives_up_after_its_grace(tmp_
     spool._db.execute(f"PRAGMA max_page_count={pages}")
     for n in range(50):
         sink.frame(frame(n), False, 0, False, 1.0)
-    sink.stopping.set()
+    sink.stop(time.monotonic() + 0.2)
     sink.flush()                       # returns: the stop is not held hostage
     assert spool.pending == 0
+    spool.close()
+
+
+def test_on_stop_the_batch_in_hand_goes_in_when_room_comes_before_the_deadline(tmp_path):
+    """Stopping is no reason to drop what was read: while the deadline lasts the sink
+    keeps trying, as it does while running (the drain may be making room)."""
+    spool = Spool(tmp_path / "spool.sqlite3", 1 << 30)
+    sink = SpoolingSink(spool, lambda: None, Metrics(), structlog.get_logger(),
+                        max_frame_bytes=1 << 20, stream_url="ws://x")
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count={pages}")
+    for n in range(50):
+        sink.frame(frame(n), False, 0, False, 1.0)
+    sink.stop(time.monotonic() + 30)
+    flushing = threading.Thread(target=sink.flush, daemon=True)
+    flushing.start()
+    wait_for(lambda: spool.unwritable, 10, what="the append to be refused")
+    assert flushing.is_alive()
+    with spool._db_lock:
+        spool._db.execute("PRAGMA max_page_count=1000000")
+    flushing.join(10)
+    assert not flushing.is_alive()
+    assert [ev.body for _, ev in spool.read(1, 100)] == [frame(n) for n in range(50)]
     spool.close()
 
 

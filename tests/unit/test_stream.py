@@ -12,7 +12,8 @@ import structlog
 
 from bridge.config import StreamConfig
 from bridge.stream import State, StreamReader
-from tests.support.hostile_server import Frame, HostileServer, Script
+from tests.support.hostile_server import Frame, HostileServer, Raw, Script, frame_header
+from tests.support.wait import wait_for
 
 
 class RecordingSink:
@@ -97,6 +98,40 @@ def test_stop_while_waiting_for_the_auth_frame_reports_no_connection():
         thread.join(10)
         assert not thread.is_alive() and time.monotonic() - began < 2
     assert sink.calls == []
+
+
+class HoldingSink(RecordingSink):
+    """Holds the reader in its first frame until released, as a full disk does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding, self.release = threading.Event(), threading.Event()
+
+    def frame(self, payload, binary, size, oversize, received_at) -> None:
+        super().frame(payload, binary, size, oversize, received_at)
+        if not self.holding.is_set():
+            self.holding.set()
+            self.release.wait(20)
+
+
+def test_a_stop_held_past_its_close_deadline_still_hands_over_the_frames_read(monkeypatch):
+    """Frames read from the socket are in the bridge's memory: when the sink held the
+    reader past the close handshake's deadline (a full disk on stop), it still gets
+    every one of them, in order; only what is still in the socket stays unread."""
+    monkeypatch.setattr("bridge.stream.CLOSE_TIMEOUT", 0.2)
+    events = [json.dumps({"type": "container", "n": i}).encode() for i in range(50)]
+    sink = HoldingSink()
+    # One write: the reader's first read takes all 50 (on loopback, one segment).
+    with HostileServer([Script([Raw(b"".join(frame_header(1, len(e)) + e for e in events))])]) \
+            as server:
+        reader = reader_for(f"{server.url}/v1/events", sink)
+        thread = run_in_thread(reader)
+        assert sink.holding.wait(10)
+        reader.stop()
+        wait_for(lambda: reader._closing_done(), 5, what="the close deadline to pass")
+        sink.release.set()
+        thread.join(10)
+    assert [p for kind, p in sink.calls if kind == "frame"] == events
 
 
 @dataclass
