@@ -47,7 +47,7 @@ class SpoolingSink:
         # A restart is a gap too: from the last frame the previous run received.
         self._lost_at: float | None = spool.previous_run_received_at
         self._connections = 0
-        self.stopping = threading.Event()
+        self._stopping = threading.Event()
         self._stop_deadline = float("inf")     # time.monotonic(); see `stop`
         self.spooled_total = 0
         self._received = metrics.received.labels("event")
@@ -60,7 +60,7 @@ class SpoolingSink:
         and a full disk's spool rebuilds its files; a disk still full at the deadline is
         the one case where the batch is dropped, and the log says how many events."""
         self._stop_deadline = deadline
-        self.stopping.set()
+        self._stopping.set()
 
     def authenticated(self, at: float) -> None:
         self._connections += 1
@@ -142,7 +142,7 @@ class SpoolingSink:
         error: str | None = None
         while True:
             # On stop the byte bound gives way: one batch over it beats a lost event.
-            if self._spool.within_bound() or self.stopping.is_set():
+            if self._spool.within_bound() or self._stopping.is_set():
                 try:
                     self._spool.append(batch)
                     break
@@ -161,7 +161,7 @@ class SpoolingSink:
                                       limit=self._spool.max_bytes,
                                       detail="not reading the stream until the broker "
                                              "takes events")
-            if self.stopping.is_set():
+            if self._stopping.is_set():
                 if now >= self._stop_deadline:
                     self._metrics.backpressure.set(0)
                     self._log.error("spool.batch_dropped", events=len(batch),
