@@ -50,6 +50,18 @@ def small_fs(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+def spooled_when_stuck(rig, proc) -> float:  # noqa: F811
+    """The events the bridge had spooled once it stopped taking more (a full disk)."""
+    def received():
+        return rig.metric(proc, "tutum_bridge_frames_received_total", 'kind="event"')
+
+    def plateau():
+        before = received()
+        time.sleep(1.0)     # a second without a single event spooled: the reader stopped
+        return received() == before and before
+    return wait_for(plateau, 30, 0, what="the bridge to stop taking events")
+
+
 def test_the_spools_filesystem_fills_up_and_nothing_is_lost(small_fs, rig):  # noqa: F811
     """The broker is away and the spool's 1 MB filesystem fills (ENOSPC long before the
     2 GiB BRIDGE_SPOOL_MAX_BYTES): the bridge keeps the batch it had read, stops
@@ -65,14 +77,7 @@ def test_the_spools_filesystem_fills_up_and_nothing_is_lost(small_fs, rig):  # n
     full = rig.wait_log(proc, "spool.disk_full", 60)
     assert "full" in full["error"]
 
-    def received():
-        return rig.metric(proc, "tutum_bridge_frames_received_total", 'kind="event"')
-
-    def plateau():
-        first = received()
-        time.sleep(1.0)     # a second without a single event spooled: the reader stopped
-        return received() == first and first
-    stuck_at = wait_for(plateau, 30, 0, what="the bridge to stop taking events")
+    stuck_at = spooled_when_stuck(rig, proc)
     assert stuck_at < 9000
     assert rig.metric(proc, "tutum_bridge_spool_unwritable") == 1
     assert rig.metric(proc, "tutum_bridge_backpressure") == 1
@@ -107,15 +112,8 @@ def test_sigterm_while_the_spools_disk_is_full_loses_nothing(small_fs, rig):  # 
     proxy.pause()
     rig.wait_log(first, "spool.disk_full", 60)
 
-    def received():
-        return rig.metric(first, "tutum_bridge_frames_received_total", 'kind="event"')
-
-    def plateau():
-        before = received()
-        time.sleep(1.0)     # a second without a single event spooled: the reader stopped
-        return received() == before and before
     # Stored: the bridge.connected event and the simulator's events up to `stored`.
-    stored = int(wait_for(plateau, 30, 0, what="the bridge to stop taking events")) - 1
+    stored = int(spooled_when_stuck(rig, first)) - 1
 
     began = time.monotonic()
     first.signal(signal.SIGTERM)

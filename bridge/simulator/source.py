@@ -98,6 +98,9 @@ class Source:
         self._refilled.set()
 
     async def wait_refill(self) -> None:
-        """Wait until frames are given back after the stream ended (a client died)."""
-        self._refilled.clear()
-        await self._refilled.wait()
+        """Wait until frames are given back (a client died) or pushed after the stream
+        ended; at once if some came since the last `take`, as a push between a
+        session's empty `take` and this wait must not be missed."""
+        while not self._returned:
+            self._refilled.clear()
+            await self._refilled.wait()
