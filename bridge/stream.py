@@ -46,6 +46,8 @@ CLOSE_TIMEOUT = 2.0      # on stop, how long to read on while the close handshak
                          # not counting the time the sink held the reader (a full disk)
 SINK_HELD = 0.05         # seconds in the sink that count as held (waiting), not as work
 STOP_CHECK_EVERY = 0.5   # seconds between looks at the stop flag while authenticating
+# What reading a frame raises when the connection is unusable.
+_READ_ERRORS = (frames.ConnectionClosed, frames.ProtocolError, OSError, ValueError)
 
 
 class StreamSink(Protocol):
@@ -353,7 +355,7 @@ class StreamReader:
         while True:
             try:
                 frame = self._reader.read_in_memory()
-            except (frames.ConnectionClosed, frames.ProtocolError, OSError, ValueError):
+            except _READ_ERRORS:
                 return
             if frame is None:
                 return
@@ -378,7 +380,7 @@ class StreamReader:
         self._beat()
         try:
             return self._reader.read(max(timeout, 0.0))
-        except (frames.ConnectionClosed, frames.ProtocolError, OSError, ValueError) as exc:
+        except _READ_ERRORS as exc:
             raise ConnectionLost(str(exc) or type(exc).__name__) from None
 
     def _send(self, action) -> None:

@@ -237,6 +237,10 @@ def broker_ceiling(args: argparse.Namespace) -> None:
     BrokerCeiling(args, [ev for ev in events if ev is not None]).run()
 
 
+def pipe_ceiling(args: argparse.Namespace) -> None:
+    Pipe(args).run()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("kind", choices=("stream", "broker", "pipe"))
@@ -247,7 +251,7 @@ def main() -> None:
     parser.add_argument("--exchange")
     parser.add_argument("--window", type=int, default=2000)
     args = parser.parse_args()
-    {"stream": stream_ceiling, "broker": broker_ceiling, "pipe": lambda a: Pipe(a).run()}[args.kind](args)
+    {"stream": stream_ceiling, "broker": broker_ceiling, "pipe": pipe_ceiling}[args.kind](args)
     # Stay until the benchmark stops us: an exited process has no memory figures to read.
     signal.pause()
 
