@@ -43,7 +43,9 @@ def imported():
     definitions["vhosts"] = [{"name": vhost}]
     for item in definitions["users"] + definitions["permissions"]:
         item["name" if "name" in item else "user"] = user
-    password = secrets.token_urlsafe(16)
+    # Hex, not urlsafe: a password that starts with '-' is read by rabbitmqctl as an
+    # option (CI drew one once and change_password exited 64).
+    password = secrets.token_hex(16)
     try:
         # In /tmp, readable: rabbitmqctl runs as the rabbitmq user, who cannot enter
         # pytest's tmp_path. The file holds no secret (the password is set below).
