@@ -102,6 +102,8 @@ def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
         assert sample["rss_bytes"] > 1024 * 1024 and sample["spool_bytes"] > 0
         assert sample["p99_ms"] > 0 and sample["cpu_seconds"] >= 0
         assert 0 < sample["machine_busy"] <= 1 and 0 <= sample["machine_steal"] <= 1
+        for pressure in ("machine_cpu_pressure", "machine_io_pressure"):   # None: no PSI
+            assert sample[pressure] is None or 0 <= sample[pressure] <= 1
     # The bridge's own legs, from its /metrics: the events it confirmed in the stretch.
     legs = [s["receive_to_confirm_p99_ms"] for s in soak["samples"][1:]]
     assert legs and all(v is not None and v > 0 for v in legs)

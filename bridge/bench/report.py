@@ -209,8 +209,12 @@ def _legs(sample: dict) -> str:
 def _machine(sample: dict) -> str:
     if sample.get("machine_busy") is None:
         return "machine CPU unknown"
-    return (f"machine busy {100 * sample['machine_busy']:.0f}%, iowait "
+    line = (f"machine busy {100 * sample['machine_busy']:.0f}%, iowait "
             f"{100 * sample['machine_iowait']:.0f}%, steal {100 * sample['machine_steal']:.0f}%")
+    cpu, io = sample.get("machine_cpu_pressure"), sample.get("machine_io_pressure")
+    if cpu is None or io is None:
+        return line
+    return line + f"; waiting for a CPU {100 * cpu:.0f}%, for I/O {100 * io:.0f}%"
 
 
 def _fmt(value: float | None) -> str:

@@ -5,15 +5,17 @@ seconds shows it. The sampler reads the bridge from outside (RSS, CPU, bytes wri
 to storage, the spool's files on disk) on the wall clock's multiples of the interval, the same stretches the
 consumer gives latency percentiles for, so `join` lines the two up by start time.
 Each sample also has the whole machine's CPU over its stretch (busy, waiting for I/O,
-stolen by the hypervisor), so a slow stretch can be told from a busy or shared
-machine: the cores the bridge runs on are not its own.
+stolen by the hypervisor) and its pressure (the share of the stretch during which some
+task was ready to run but waited for a CPU, or waited for I/O: Linux's PSI), so a slow
+stretch can be told from a busy or shared machine: the cores the bridge runs on are not
+its own. Busy is an average; pressure counts the waiting, which is what delays events.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from bridge.bench.meter import Meter
 
@@ -21,6 +23,16 @@ FLAT_WITHIN = 0.10       # a figure is flat when its last tenth is within 10% of
 FLAT_FIGURES = ("rss_bytes", "cpu_seconds_per_10k", "p99_ms", "spool_bytes",
                 "written_bytes_per_event")
 PROC_STAT = "/proc/stat"
+PROC_PRESSURE = "/proc/pressure"
+MACHINE_FIGURES = ("machine_busy", "machine_iowait", "machine_steal",
+                   "machine_cpu_pressure", "machine_io_pressure")
+
+
+class MachineReading(NamedTuple):
+    jiffies: tuple[int, int, int, int]     # `machine_jiffies`
+    cpu_stalled_us: int | None             # PSI "some" totals; None without PSI
+    io_stalled_us: int | None
+    at: float                              # time.monotonic()
 
 
 def machine_jiffies(text: str) -> tuple[int, int, int, int]:
@@ -31,12 +43,30 @@ def machine_jiffies(text: str) -> tuple[int, int, int, int]:
     return busy, iowait, steal, busy + idle + iowait + steal
 
 
-def _read_machine() -> tuple[int, int, int, int] | None:
+def stalled_us(text: str) -> int:
+    """Microseconds some task stalled, from a /proc/pressure file's `some` line."""
+    for line in text.splitlines():
+        if line.startswith("some "):
+            return int(line.rsplit("total=", 1)[1])
+    raise ValueError("no 'some' line")
+
+
+def _read_pressure(resource: str) -> int | None:
+    try:
+        with open(f"{PROC_PRESSURE}/{resource}") as f:
+            return stalled_us(f.read())
+    except (OSError, ValueError, IndexError):
+        return None         # a kernel without PSI, or with it off (psi=0)
+
+
+def _read_machine() -> MachineReading | None:
     try:
         with open(PROC_STAT) as f:
-            return machine_jiffies(f.read())
+            jiffies = machine_jiffies(f.read())
     except (OSError, ValueError):
         return None         # not Linux: the samples carry None
+    return MachineReading(jiffies, _read_pressure("cpu"), _read_pressure("io"),
+                          time.monotonic())
 
 
 class Sampler:
@@ -74,13 +104,22 @@ class Sampler:
         self._last = (boundary, cpu, delivered, written, machine)
 
 
-def machine_shares(before, after) -> dict:
-    """The machine's busy, iowait and steal shares of all its CPU time in between."""
-    names = ("machine_busy", "machine_iowait", "machine_steal")
-    if before is None or after is None or after[3] <= before[3]:
-        return dict.fromkeys(names)
-    total = after[3] - before[3]
-    return {name: (after[i] - before[i]) / total for i, name in enumerate(names)}
+def machine_shares(before: MachineReading | None, after: MachineReading | None) -> dict:
+    """The machine's busy, iowait and steal shares of all its CPU time in between, and
+    the shares of the time in between that some task waited for a CPU, or for I/O."""
+    out = dict.fromkeys(MACHINE_FIGURES)
+    if before is None or after is None or after.jiffies[3] <= before.jiffies[3]:
+        return out
+    total = after.jiffies[3] - before.jiffies[3]
+    for i, name in enumerate(MACHINE_FIGURES[:3]):
+        out[name] = (after.jiffies[i] - before.jiffies[i]) / total
+    wall_us = (after.at - before.at) * 1e6
+    for name, was, now in (("machine_cpu_pressure", before.cpu_stalled_us,
+                            after.cpu_stalled_us),
+                           ("machine_io_pressure", before.io_stalled_us, after.io_stalled_us)):
+        if was is not None and now is not None and wall_us > 0:
+            out[name] = min(1.0, (now - was) / wall_us)
+    return out
 
 
 def join(samples: list[dict], buckets: list[dict]) -> list[dict]:

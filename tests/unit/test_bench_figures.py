@@ -16,7 +16,8 @@ from bridge.bench.cli import _duration
 from bridge.bench.consumer import Tally
 from bridge.bench.legs import buckets, quantile
 from bridge.bench.report import ratios, soak_summary, table
-from bridge.bench.timeline import flatness, join, machine_jiffies, machine_shares
+from bridge.bench.timeline import (MachineReading, flatness, join, machine_jiffies,
+                                   machine_shares, stalled_us)
 from bridge.metrics import Metrics
 
 
@@ -56,25 +57,37 @@ def test_the_worst_p99_is_reported_even_when_the_tenths_agree():
     assert verdict["flat"] and verdict["max"] == 40.0
 
 
-def test_the_machine_share_of_a_stretch_comes_from_proc_stat():
+def test_the_machine_share_of_a_stretch_comes_from_proc_stat_and_its_pressure_from_psi():
     before = machine_jiffies("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n")
     after = machine_jiffies("cpu  160 0 70 900 20 5 5 40 0 0\n")
     assert before == (150, 10, 40, 1000)
-    shares = machine_shares(before, after)
+    cpu = stalled_us("some avg10=1.00 avg60=0.50 avg300=0.10 total=5000000\n"
+                     "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert cpu == 5_000_000
+    # 10 s apart: 1.5 s of some task waiting for a CPU, none for I/O.
+    shares = machine_shares(MachineReading(before, cpu, 700, 100.0),
+                            MachineReading(after, cpu + 1_500_000, 700, 110.0))
     assert shares == {"machine_busy": 90 / 200, "machine_iowait": 10 / 200,
-                      "machine_steal": 0.0}
-    assert machine_shares(None, after) == dict.fromkeys(shares)
+                      "machine_steal": 0.0, "machine_cpu_pressure": 0.15,
+                      "machine_io_pressure": 0.0}
+    # A kernel without PSI: the CPU shares alone.
+    assert machine_shares(MachineReading(before, None, None, 100.0),
+                          MachineReading(after, None, None, 110.0)) == {
+        **shares, "machine_cpu_pressure": None, "machine_io_pressure": None}
+    assert machine_shares(None, MachineReading(after, None, None, 110.0)) == dict.fromkeys(shares)
 
 
 def test_the_soak_summary_names_the_samples_over_the_latency_target():
     samples = [{**sample(1000.0 + 10 * i, 50e6, p99=2.0), "machine_busy": 0.5,
                 "machine_iowait": 0.0, "machine_steal": 0.0} for i in range(20)]
-    samples[7].update(p99_ms=13.6, machine_busy=0.97, machine_steal=0.21)
+    samples[7].update(p99_ms=13.6, machine_busy=0.97, machine_steal=0.21,
+                      machine_cpu_pressure=0.34, machine_io_pressure=0.02)
     soak = {"events": 400000, "rate": 2000, "seconds": 200.0, "sample_seconds": 10.0,
             "latency_ms": {"p50": 0.7, "p99": 2.2, "max": 30.0}, "samples": samples,
             "summary": flatness(samples)}
     assert soak_summary(soak)[-1] == ("  p99 over 10 ms in 1 of 20 samples of 10 s: 13.6 ms "
-                                      "at 70 s (machine busy 97%, iowait 0%, steal 21%)")
+                                      "at 70 s (machine busy 97%, iowait 0%, steal 21%; waiting for "
+                                      "a CPU 34%, for I/O 2%)")
     for s in samples:
         s["p99_ms"] = 2.0
     assert soak_summary(soak)[-1] == "  p99 over 10 ms in 0 of 20 samples of 10 s"
