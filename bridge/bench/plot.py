@@ -17,6 +17,7 @@ from bridge.bench.legs import RECEIVE_P99
 from bridge.errors import ConfigError
 
 MiB = 1024 * 1024
+HEADROOM = 1.25          # of the highest value, above it, on the memory panels
 PERCENTILES = (("p50_ms", "p50", ":"), ("p99_ms", "p99", "-"), ("max_ms", "max", "--"))
 
 
@@ -64,13 +65,16 @@ def draw(figures: dict, path: Path) -> None:
         left.set(title=f"{title}: delivery latency", xlabel="seconds", ylabel="ms",
                  yscale="log")
         right.set(title=f"{title}: memory", xlabel="seconds", ylabel="RSS MiB")
-        right.set_ylim(bottom=0)
+        # From 0, so that a change reads at its true size, with headroom above the
+        # highest value: autoscaling put a flat RSS line on the frame's top edge.
+        right.set_ylim(0, HEADROOM * max(s["rss_bytes"] / MiB
+                                         for samples in series.values() for s in samples))
         if with_spool:
             spool = right.twinx()
-            spool.plot(xs, [(s["spool_bytes"] or 0) / MiB for s in series["real"]], "-.",
-                       color="grey", label="spool on disk")
+            sizes = [(s["spool_bytes"] or 0) / MiB for s in series["real"]]
+            spool.plot(xs, sizes, "-.", color="grey", label="spool on disk")
             spool.set(ylabel="spool MiB")
-            spool.set_ylim(bottom=0)
+            spool.set_ylim(0, HEADROOM * max(sizes) or 1)
             spool.legend(loc="lower right", fontsize="small")
         left.legend(fontsize="x-small", ncol=len(series), loc="upper right")
         right.legend(loc="lower left", fontsize="small")
