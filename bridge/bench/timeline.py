@@ -47,7 +47,7 @@ def stalled_us(text: str) -> int:
     """Microseconds some task stalled, from a /proc/pressure file's `some` line."""
     for line in text.splitlines():
         if line.startswith("some "):
-            return int(line.rsplit("total=", 1)[1])
+            return int(line.partition("total=")[2])   # ValueError if it is missing
     raise ValueError("no 'some' line")
 
 
@@ -55,7 +55,7 @@ def _read_pressure(resource: str) -> int | None:
     try:
         with open(f"{PROC_PRESSURE}/{resource}") as f:
             return stalled_us(f.read())
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None         # a kernel without PSI, or with it off (psi=0)
 
 
@@ -107,19 +107,22 @@ class Sampler:
 def machine_shares(before: MachineReading | None, after: MachineReading | None) -> dict:
     """The machine's busy, iowait and steal shares of all its CPU time in between, and
     the shares of the time in between that some task waited for a CPU, or for I/O."""
-    out = dict.fromkeys(MACHINE_FIGURES)
     if before is None or after is None or after.jiffies[3] <= before.jiffies[3]:
-        return out
+        return dict.fromkeys(MACHINE_FIGURES)
     total = after.jiffies[3] - before.jiffies[3]
-    for i, name in enumerate(MACHINE_FIGURES[:3]):
-        out[name] = (after.jiffies[i] - before.jiffies[i]) / total
+    busy, iowait, steal = ((a - b) / total for a, b in zip(after.jiffies[:3], before.jiffies))
     wall_us = (after.at - before.at) * 1e6
-    for name, was, now in (("machine_cpu_pressure", before.cpu_stalled_us,
-                            after.cpu_stalled_us),
-                           ("machine_io_pressure", before.io_stalled_us, after.io_stalled_us)):
-        if was is not None and now is not None and wall_us > 0:
-            out[name] = min(1.0, (now - was) / wall_us)
-    return out
+    return {"machine_busy": busy, "machine_iowait": iowait, "machine_steal": steal,
+            "machine_cpu_pressure": _stalled_share(before.cpu_stalled_us,
+                                                   after.cpu_stalled_us, wall_us),
+            "machine_io_pressure": _stalled_share(before.io_stalled_us,
+                                                  after.io_stalled_us, wall_us)}
+
+
+def _stalled_share(was: int | None, now: int | None, wall_us: float) -> float | None:
+    if was is None or now is None or wall_us <= 0:
+        return None
+    return min(1.0, (now - was) / wall_us)
 
 
 def join(samples: list[dict], buckets: list[dict]) -> list[dict]:
