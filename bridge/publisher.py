@@ -43,6 +43,7 @@ from pika import exceptions as pe
 from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed
 
 from bridge import log as logging_
+from bridge.amqp_acks import Acks, AckReadingConnection
 from bridge.amqp_encode import APP_ID, CONTENT_TYPE, encode_publish
 from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
@@ -132,7 +133,7 @@ class Publisher:
 
         self.state = State.CLOSED
         self.blocked = False
-        self._connection: pika.SelectConnection | None = None
+        self._connection: AckReadingConnection | None = None
         self._channel = None
         self._steps = []          # the topology's declarations, and the one under way
         self._step = 0
@@ -254,7 +255,7 @@ class Publisher:
         params.heartbeat = self._amqp.heartbeat
         self._fire(Input.CONNECT)
         self._log.info("broker.connecting", url=self._amqp.redacted_urls[index])
-        self._connection = pika.SelectConnection(
+        self._connection = AckReadingConnection(
             params, on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed, custom_ioloop=self._ioloop)
@@ -353,6 +354,7 @@ class Publisher:
         # pika release no longer has it, publishing falls back to `basic_publish`.
         write = getattr(self._connection, "_output_marshaled_frames", None)
         self._write = write if callable(write) else None
+        self._connection.watch_acks(self._channel.channel_number, self._on_acks)
         self._pos.new_channel()
         self._metrics.broker_connected.set(1)
         self._metrics.broker_connects.inc()
@@ -529,20 +531,34 @@ class Publisher:
             self._channel.basic_publish(exchange, routing_key, body, properties)
 
     def _on_confirm(self, frame) -> None:
+        """A Basic.Nack, or an ack pika dispatched (bridge/amqp_acks.py reads the rest)."""
+        method = frame.method
+        if isinstance(method, pika.spec.Basic.Nack):
+            if self.state is not State.OPEN:
+                return      # the channel is going; its confirms are superseded by republishes
+            self.progress_at = time.monotonic()
+            tags = self._pos.tags(method.delivery_tag, method.multiple)
+            if tags:        # else: copies already superseded by a republish
+                self._on_nack(tags)
+            return
+        self._on_acks([(method.delivery_tag, method.multiple)])
+
+    def _on_acks(self, acks: Acks) -> None:
+        """Basic.Acks, in the order they came: the window is refilled once after them."""
         if self.state is not State.OPEN:
             return      # the channel is going; its confirms are superseded by republishes
-        method = frame.method
-        tag, multiple = method.delivery_tag, method.multiple
         self.progress_at = time.monotonic()
-        tags = self._pos.tags(tag, multiple)
-        if not tags:
-            return      # copies already superseded by a republish
-        if isinstance(method, pika.spec.Basic.Nack):
-            return self._on_nack(tags)
-        self._pos.acked(tags)
+        pos, counted = self._pos, False
+        for tag, multiple in acks:
+            tags = pos.tags(tag, multiple)
+            if tags:        # else: copies already superseded by a republish
+                pos.acked(tags)
+                counted = True
+        if not counted:
+            return
         self._backoff.reset()           # the broker takes work again
         self._advance_confirmed()
-        self._metrics.inflight.set(len(self._pos.live))
+        self._metrics.inflight.set(len(pos.live))
         self._pump()
 
     def _on_nack(self, tags: list[int]) -> None:

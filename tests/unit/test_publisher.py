@@ -86,6 +86,9 @@ class FakeConnection:
     def _terminate_stream(self, error) -> None:
         self.terminated = error
 
+    def watch_acks(self, channel, on_acks) -> None:
+        self.on_acks = on_acks
+
     def close(self) -> None:
         self.is_closing = True
 
@@ -176,6 +179,24 @@ def test_a_full_window_is_refilled_in_batches_not_an_event_per_confirm(make):
     publisher._on_confirm(ack(170, multiple=True))
     assert connection.writes == [80, 10, 80, 30]  # the rest of the spool
     publisher._on_confirm(ack(200, multiple=True))
+    publisher._flush_confirms()
+    assert seqs(publisher, connection.published) == [(n, False) for n in range(1, 201)]
+    assert publisher.spool.pending == 0
+
+
+def test_a_run_of_acks_read_at_once_is_answered_with_one_refill(make):
+    """The acks of one read (bridge/amqp_acks.py) refill the window once, not one
+    eighth of it per ack: fewer, larger writes."""
+    publisher = make(200, inflight=80)           # a refill is an eighth: 10 events
+    connection = publisher._connection
+    assert connection.on_acks == publisher._on_acks
+    connection.on_acks([(tag, False) for tag in range(1, 31)] + [(3, False)])  # 3 again: stale
+    assert connection.writes == [80, 30]
+    connection.on_acks([(100, True), (110, True)])
+    assert connection.writes == [80, 30, 80]
+    connection.on_acks([(190, True)])
+    assert connection.writes == [80, 30, 80, 10]  # the rest of the spool
+    connection.on_acks([(200, True)])
     publisher._flush_confirms()
     assert seqs(publisher, connection.published) == [(n, False) for n in range(1, 201)]
     assert publisher.spool.pending == 0

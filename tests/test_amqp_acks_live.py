@@ -1,0 +1,80 @@
+"""A real broker's confirms, read by bridge.amqp_acks: every ack reaches the watcher,
+in order, and every nack still reaches pika's own callback."""
+
+from __future__ import annotations
+
+import time
+
+import pika
+
+from bridge.amqp_acks import AckReadingConnection
+from tests.support.broker import AMQP_URL, connect, unique
+
+FULL_AFTER = 1          # the full queue takes one message, then the broker nacks
+PUBLISHES = 300
+
+
+def test_acks_reach_the_watcher_and_nacks_reach_pika():
+    full, roomy = unique("t-acks-full"), unique("t-acks-q")
+    watched: list[tuple[int, bool]] = []
+    by_pika: list[pika.frame.Method] = []
+    done: list[bool] = []
+
+    def on_open(connection):
+        connection.channel(on_open_callback=on_channel)
+
+    def on_channel(channel):
+        channel.queue_declare(full, arguments={"x-max-length": FULL_AFTER,
+                                               "x-overflow": "reject-publish"},
+                              callback=lambda _f: channel.queue_declare(
+                                  roomy, callback=lambda _f: channel.confirm_delivery(
+                                      by_pika.append, callback=lambda _f: publish(channel))))
+
+    def publish(channel):
+        connection.watch_acks(channel.channel_number, watched.extend)
+        for n in range(3):
+            channel.basic_publish("", full, b"%d" % n)
+        for n in range(PUBLISHES):
+            channel.basic_publish("", roomy, b"%d" % n)
+
+    connection = AckReadingConnection(
+        pika.URLParameters(AMQP_URL), on_open_callback=on_open,
+        on_close_callback=lambda connection, _reason: connection.ioloop.stop())
+    deadline = time.monotonic() + 20
+
+    def check():
+        covered = confirmed(watched, by_pika)
+        if covered >= PUBLISHES + 3 or time.monotonic() > deadline:
+            done.append(True)
+            connection.ioloop.stop()
+        else:
+            connection.ioloop.call_later(0.02, check)
+
+    connection.ioloop.call_later(0.02, check)
+    try:
+        connection.ioloop.start()
+    finally:
+        if connection.is_open:
+            connection.close()
+            connection.ioloop.start()       # until the close completes (on_close_callback)
+        with connect() as cleanup:
+            cleanup.channel().queue_delete(full)
+            cleanup.channel().queue_delete(roomy)
+    assert all(isinstance(f.method, pika.spec.Basic.Nack) for f in by_pika)
+    nacked = {f.method.delivery_tag for f in by_pika}
+    assert nacked == {2, 3}
+    tags = [tag for tag, _multiple in watched]
+    assert tags == sorted(tags)
+    assert confirmed(watched, by_pika) == PUBLISHES + 3
+
+
+def confirmed(watched, by_pika) -> int:
+    """How many of the tags from 1 are answered, expanding multiple acks over the tags
+    not nacked (a broker's multiple ack never covers a tag it nacked)."""
+    answered = {f.method.delivery_tag for f in by_pika}
+    for tag, multiple in watched:
+        answered |= set(range(1, tag + 1)) if multiple else {tag}
+    n = 0
+    while n + 1 in answered:
+        n += 1
+    return n
