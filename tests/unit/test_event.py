@@ -324,3 +324,21 @@ def test_deferred_frames_of_every_kind(body):
 def test_an_event_classified_already_is_resolved_as_it_is():
     event = classify(frame(CONTAINER_EVENT), T)
     assert resolve(event) is event
+
+
+@given(json_values, st.sampled_from(["", " ", "\n", "\t\r "]), st.sampled_from(["", " ", "\r\n"]),
+       st.sampled_from(["", "x", ",", "}", "1", "\u00a0"]))
+def test_the_fast_scan_accepts_and_refuses_what_json_does(value, before, after, extra):
+    """`_scan` (the common frame without json's Python layers) decodes every text to
+    what the decoder gives, and refuses every other with the decoder's own error."""
+    from bridge.event import _decoder, _scan
+    text = before + json.dumps(value) + after + extra
+    try:
+        expected = ("ok", _decoder.decode(text))
+    except (ValueError, RecursionError) as exc:
+        expected = ("error", type(exc), str(exc))
+    try:
+        got = ("ok", _scan(text))
+    except (ValueError, RecursionError) as exc:
+        got = ("error", type(exc), str(exc))
+    assert repr(got) == repr(expected)
