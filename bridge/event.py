@@ -211,14 +211,11 @@ def event_headers(obj: dict, type_word: str, action_word: str) -> dict[str, obje
     """`type`, `action`, `state`, `resource_uri`, `parents` and `parent-<kind>` headers."""
     headers: dict[str, object] = {"type": type_word, "action": action_word}
     # `header_value` only for what it would change: a call a value was a fifth of this.
-    state = obj.get("state")
-    if isinstance(state, str):
-        headers["state"] = state if state.isascii() and len(state) <= HEADER_VALUE_MAX \
-            else header_value(state)
-    uri = obj.get("resource_uri")
-    if isinstance(uri, str):
-        headers["resource_uri"] = uri if uri.isascii() and len(uri) <= HEADER_VALUE_MAX \
-            else header_value(uri)
+    for name in ("state", "resource_uri"):
+        value = obj.get(name)
+        if isinstance(value, str):
+            headers[name] = value if value.isascii() and len(value) <= HEADER_VALUE_MAX \
+                else header_value(value)
     parents = obj.get("parents")
     if isinstance(parents, list) and parents:
         kept = [p if p.isascii() and len(p) <= HEADER_VALUE_MAX else header_value(p)
