@@ -31,6 +31,7 @@ from bridge.bench.children import BenchError, Child, Children, sim_stats, wait_u
 from bridge.bench.legs import Legs
 from bridge.bench.meter import Meter
 from bridge.bench.proxy import PausedProxy
+from bridge.bench.shares import CpuShares, broker_pid
 from bridge.bench.timeline import Sampler, flatness, join
 from bridge.bench.topology import Topology
 from bridge.config import RUN_SETTINGS, bound_metrics_address
@@ -103,6 +104,7 @@ class Bench:
         self.topology = Topology()
         self.apikey = secrets.token_hex(12)
         self.sessions: Counter[str] = Counter()     # by bridge and phase
+        self.broker_pid = broker_pid(settings.amqp_url)     # None: not on this machine
 
     def run(self) -> dict:
         """All figures, by bridge. Stops and deletes everything it started, however it ends."""
@@ -191,13 +193,15 @@ class Bench:
             # (it forgets what it witnessed after the consumer has it all).
             standby_before = session.standby_meter.cpu_exact() if session.standby_meter else None
             cpu_before = self.cpu_when_sending(session)
+            shares = self.cpu_shares(session)
             written_before = session.meter.written()
             got = self.deliver(session, n)
             written = session.meter.written() - written_before
             figures = {**_burst(session, n, got["last_delivery"] - got["first_sent"],
                                 session.meter.cpu_exact() - cpu_before),
                        "written_bytes": written, "written_bytes_per_event": written / n,
-                       "latency_ms": got["latency_ms"], "duplicates": got["duplicates"]}
+                       "latency_ms": got["latency_ms"], "duplicates": got["duplicates"],
+                       "machine": shares.stop(n)}
             if session.standby_meter:
                 wait_until(lambda: _quiet(session.standby_meter), 60,
                            "the standby to finish witnessing", session.standby)
@@ -224,11 +228,13 @@ class Bench:
                               got["cpu_seconds"])
             wait_until(out.exists, STALL_SECONDS + n / 1000,
                        f"{session.name} to read and build its messages", session.bridge)
+            shares = self.cpu_shares(session)
             got = self.deliver(session, n)
+            machine = shares.stop(n)
             wait_until(lambda: "cpu_seconds" in _read_json(out), STALL_SECONDS,
                        f"{session.name} to see its last confirm", session.bridge)
-            return _burst(session, n, got["last_delivery"] - _read_json(out)["started"],
-                          _read_json(out)["cpu_seconds"])
+            return {**_burst(session, n, got["last_delivery"] - _read_json(out)["started"],
+                             _read_json(out)["cpu_seconds"]), "machine": machine}
 
     def soak(self) -> dict:
         """The real bridge at a fixed rate for a long time, sampled as it goes."""
@@ -409,6 +415,15 @@ class Bench:
         wait_until(lambda: sim_stats(session.sim).get("sent", 0) > 0, 30,
                    f"{session.name} to connect", session.bridge, session.sim, interval=0.01)
         return session.meter.cpu_exact()
+
+    def cpu_shares(self, session: Session) -> CpuShares:
+        """Started now: each process's CPU and the machine's (bridge/bench/shares.py)."""
+        shares = CpuShares({
+            "bridge": session.bridge.pid, "standby": session.standby and session.standby.pid,
+            "broker": self.broker_pid, "simulator": session.sim.pid,
+            "consumer": session.consumer and session.consumer.pid})
+        shares.start()
+        return shares
 
     def deliver(self, session: Session, expect: int,
                 tick: Callable[[], None] | None = None) -> dict:

@@ -91,16 +91,45 @@ def _div(x: float | None, y: float | None) -> float | None:
     return x / y if x is not None and y else None
 
 
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines: the first column to the left, the others to the right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
+CPU_ROLES = ("bridge", "standby", "broker", "simulator", "consumer", "other")
+
+
+def cpu_shares(figures: dict) -> list[str]:
+    """Each row's median burst: the CPU per event of every process and of the rest of
+    the machine, and how many cores were busy (bridge/bench/shares.py)."""
+    rows = [["burst of", *CPU_ROLES, "cores busy"]]
+    for name, f in figures.items():
+        machine = f.get("burst", {}).get("machine")
+        if machine is None:
+            continue
+        cpu = machine["cpu_seconds_per_10k"]
+        busy = machine["cores_busy"]
+        rows.append([name, *("-" if cpu.get(role) is None else f"{cpu[role]:.2f}"
+                             for role in CPU_ROLES),
+                     "-" if busy is None else f"{busy:.2f} of {machine['cores']}"])
+    if len(rows) == 1:
+        return []
+    return ["where the CPU went, in CPU s per 10k events (a broker not on this machine, "
+            "or not visible, is in other):",
+            *_aligned(rows)]
+
+
 def table(figures: dict) -> str:
     rows = [["bridge", *(title for title, _, _ in COLUMNS)]]
     for name, f in figures.items():
         values = [get(f) for _, get, _ in COLUMNS]
         rows.append([name, *("-" if v is None else fmt.format(v)
                              for v, (_, _, fmt) in zip(values, COLUMNS))])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = _aligned(rows)
     by_round = {name: f["burst"]["rounds"] for name, f in figures.items()
                 if len(f.get("burst", {}).get("rounds", ())) > 1}
     if by_round:
@@ -127,6 +156,7 @@ def table(figures: dict) -> str:
                      + " (at the latency run's rate "
                      + ("-" if at_rate is None else f"{at_rate:.2f}x") + ")")
         lines.append(line)
+    lines += cpu_shares(figures)
     backlog = figures.get("real", {}).get("backlog")
     if backlog:
         lines.append(f"real backlog of {backlog['events']} events: peak RSS while waiting "

@@ -59,7 +59,7 @@ def _read_pressure(resource: str) -> int | None:
         return None         # a kernel without PSI, or with it off (psi=0)
 
 
-def _read_machine() -> MachineReading | None:
+def read_machine() -> MachineReading | None:
     try:
         with open(PROC_STAT) as f:
             jiffies = machine_jiffies(f.read())
@@ -89,7 +89,7 @@ class Sampler:
         boundary = math.floor(now / self.interval) * self.interval
         self._due = boundary + self.interval
         cpu, delivered, written = self.meter.cpu(), self.delivered(), self.meter.written()
-        machine = _read_machine()
+        machine = read_machine()
         legs = self.legs() if self.legs else {}
         if self._last is not None:
             start, last_cpu, last_delivered, last_written, last_machine = self._last

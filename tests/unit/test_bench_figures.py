@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
+import time as clock
 
 import pytest
 from prometheus_client import generate_latest
@@ -16,6 +19,7 @@ from bridge.bench.cli import _duration
 from bridge.bench.consumer import Tally
 from bridge.bench.legs import buckets, quantile
 from bridge.bench.report import ratios, soak_summary, table
+from bridge.bench.shares import CpuShares, broker_pid
 from bridge.bench.timeline import (MachineReading, flatness, join, machine_jiffies,
                                    machine_shares, stalled_us)
 from bridge.metrics import Metrics
@@ -191,3 +195,34 @@ def test_durations(text, seconds):
 def test_bad_durations(text):
     with pytest.raises(argparse.ArgumentTypeError):
         _duration(text)
+
+
+def test_cpu_shares_count_each_process_and_leave_the_rest_of_the_machine_to_other():
+    shares = CpuShares({"bridge": os.getpid(), "standby": None})
+    shares.start()
+    deadline = clock.thread_time() + 0.05
+    while clock.thread_time() < deadline:       # CPU this process spends, to be counted
+        pass
+    out = shares.stop(10_000)
+    cpu = out["cpu_seconds_per_10k"]
+    assert "standby" not in cpu                  # a role without a process is not a column
+    assert cpu["bridge"] >= 0.05
+    assert cpu["other"] >= 0 and out["cores"] >= 1 and out["cores_busy"] > 0
+
+
+def test_the_broker_is_the_process_listening_on_a_local_urls_port():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert broker_pid(f"amqp://guest:guest@127.0.0.1:{port}/") == os.getpid()
+    assert broker_pid("amqp://guest:guest@broker.example:5672/") is None   # not this machine
+
+
+def test_the_table_says_where_each_bursts_cpu_went():
+    machine = {"seconds": 2.0, "cores": 2, "cores_busy": 1.9,
+               "cpu_seconds_per_10k": {"bridge": 0.3, "broker": 0.5, "simulator": 0.04,
+                                       "consumer": 0.08, "other": 0.01}}
+    text = table({"real": {"burst": {"events_per_second": 20_000, "machine": machine},
+                           "peak_rss_bytes": 50 * 1024 * 1024}})
+    line = next(line for line in text.splitlines() if line.startswith("real ") and "of 2" in line)
+    assert line.split() == ["real", "0.30", "-", "0.50", "0.04", "0.08", "0.01", "1.90", "of", "2"]
+    assert "where the CPU went" in text
