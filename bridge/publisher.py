@@ -533,21 +533,17 @@ class Publisher:
     def _on_confirm(self, frame) -> None:
         """A Basic.Nack, or an ack pika dispatched (bridge/amqp_acks.py reads the rest)."""
         method = frame.method
-        if isinstance(method, pika.spec.Basic.Nack):
-            if self.state is not State.OPEN:
-                return      # the channel is going; its confirms are superseded by republishes
-            self.progress_at = time.monotonic()
+        if not isinstance(method, pika.spec.Basic.Nack):
+            self._on_acks([(method.delivery_tag, method.multiple)])
+        elif self._answer_counts():
             tags = self._pos.tags(method.delivery_tag, method.multiple)
             if tags:        # else: copies already superseded by a republish
                 self._on_nack(tags)
-            return
-        self._on_acks([(method.delivery_tag, method.multiple)])
 
     def _on_acks(self, acks: Acks) -> None:
         """Basic.Acks, in the order they came: the window is refilled once after them."""
-        if self.state is not State.OPEN:
-            return      # the channel is going; its confirms are superseded by republishes
-        self.progress_at = time.monotonic()
+        if not self._answer_counts():
+            return
         pos, counted = self._pos, False
         for tag, multiple in acks:
             tags = pos.tags(tag, multiple)
@@ -583,6 +579,14 @@ class Publisher:
     def _end_nack_wait(self) -> None:
         self._nack_wait = False
         self._pump()
+
+    def _answer_counts(self) -> bool:
+        """A confirm arrived: it counts (as progress) only on an open channel; on one
+        that is going, republishes supersede its confirms."""
+        if self.state is not State.OPEN:
+            return False
+        self.progress_at = time.monotonic()
+        return True
 
     def _advance_confirmed(self) -> None:
         moved, nacks_settled = self._pos.advance()
