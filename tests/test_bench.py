@@ -80,7 +80,10 @@ def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
             assert shares["bridge"] > 0 and shares["simulator"] >= 0, name
             assert shares["consumer"] > 0 and shares["other"] >= 0, name
             # The broker on this machine is seen as root (as in CI), else it is in other.
-            assert shares.get("broker", 1) > 0 and ("broker" in shares or os.geteuid()), name
+            if "broker" in shares:
+                assert shares["broker"] > 0, name
+            else:
+                assert os.geteuid() != 0, name
         if name in LIMITS:
             continue
         assert figures["latency"]["events"] == 600
@@ -93,7 +96,8 @@ def test_tiny_run_measures_every_bridge_and_leaves_nothing_behind(tmp_path):
     assert report["bridges"]["pipe-ceiling"]["burst"]["duplicates"] == 0
     share = report["ratios"]["real/min(ceilings)"]
     assert share["limit"] in CEILINGS and share["burst"] > 0
-    assert "of the limit, set by" in stdout and "where the CPU went" in stdout and len(share["rounds"]) == 2
+    assert "of the limit, set by" in stdout and len(share["rounds"]) == 2
+    assert "where the CPU went" in stdout
     assert all(len(f["burst"]["rounds"]) == 2 for f in report["bridges"].values())
     ha = report["bridges"]["real-ha"]["burst"]
     assert ha["duplicates"] == 0                # one leader publishes each event once
