@@ -1,4 +1,5 @@
-"""HA on a real three-node RabbitMQ cluster (docs/contract.md section 7; issue 9).
+"""HA, and confirms, on a real three-node RabbitMQ cluster (docs/contract.md sections 4
+and 7; issue 9).
 
 Three private nodes on their own ports, joined with `join_cluster`, shared by the
 module. The `#` queue is a quorum queue (replicated on every node), and so are the
@@ -8,15 +9,20 @@ node 0 mid-stream takes the leader's connections, and its lock, with it: whichev
 replica declares the lock first on a live node leads (the old leader, reconnecting at
 once to another node, often wins), the other witnesses it, and the quorum queue holds
 every event.
+
+The same cluster is the one real way to make a broker withhold confirms on a live
+link: a quorum queue that lost its majority takes publishes and answers none of them
+(a resource alarm blocks us instead, which the confirm deadline rightly waits out).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
-from tests.support.fault_rig import assert_guarantee
+from tests.support.fault_rig import Rig, assert_guarantee
 from tests.support.ha import HaRig, same_identity
 from tests.support.rabbit_node import RabbitCluster
 from tests.support.wait import wait_for
@@ -62,3 +68,52 @@ def test_kill_9_of_the_leaders_node_loses_nothing(cluster, topology, simulator, 
         assert rig.metric(other, "tutum_bridge_leader") == 0
     finally:
         rig.close()
+
+
+def test_a_quorum_queue_without_its_majority_trips_the_confirm_deadline(
+        cluster, topology, simulator, bridge, tmp_path, request):
+    """The broker keeps the link alive but withholds every confirm: the `#` queue is a
+    quorum queue, and two of its three nodes stop. Only BRIDGE_CONFIRM_TIMEOUT can
+    tell (heartbeats still flow), so the bridge drops the connection, reconnects, and
+    publishes what was unconfirmed again once the majority is back: nothing lost,
+    every duplicate flagged (docs/contract.md section 4)."""
+    survivor = cluster.nodes[2]
+    rig = Rig(request.node.name, survivor, topology, simulator, bridge, tmp_path,
+              queue_arguments={"x-queue-type": "quorum"})
+    others = cluster.nodes[:2]
+    try:
+        sim = rig.simulator("--rate", "200", "--count", "2400")
+        proc = rig.bridge(sim, BRIDGE_CONFIRM_TIMEOUT="2", BRIDGE_AMQP_HEARTBEAT="60")
+        rig.wait_delivered(200, timeout=30)
+
+        _in_parallel(node.stop for node in others)
+        silent = rig.wait_log(proc, "broker.silent", timeout=30)
+        assert "no confirm" in silent["reason"], silent
+        assert not rig.collector.has_all(rig.sent(sim))     # events wait meanwhile
+
+        _in_parallel(node.start for node in others)
+        rig.wait_log(proc, "broker.ready", timeout=60, count=2)
+        ledger = rig.settle(sim, 2400, timeout=120)
+        assert_guarantee(ledger)
+    finally:
+        _in_parallel(node.start for node in others)     # the module's next test needs them
+        rig.close()
+
+
+def _in_parallel(actions) -> None:
+    """Run each action on its own thread (a node takes seconds to stop or start) and
+    raise the first error."""
+    errors: list[BaseException] = []
+
+    def run(action) -> None:
+        try:
+            action()
+        except BaseException as exc:  # noqa: BLE001 - raised below, on this thread
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(action,)) for action in actions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
