@@ -9,7 +9,7 @@ with `child_environment`. The one exception is the pytest plugin `bridge.testing
 which runs in a worker's test session, not in the bridge, and reads its own
 `TUTUM_TEST_*` variables (docs/contract.md section 10).
 
-Secrets (the API key, `TUTUM_AUTH`, the AMQP password) are kept in the returned
+Secrets (the API key, `TUTUM_AUTH`, the AMQP password, a proxy's password) are kept in the returned
 `Config` but never in its `repr`, and `redact_url` is the only way a URL reaches a log.
 """
 
@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import pika
 
 from bridge.errors import ConfigError
+from bridge.proxy import HttpProxy, ProxyConfigError, choose as choose_proxy
 from bridge.topology import HISTORY_QUEUE, QUEUE_TYPES, Topology, history_spec
 
 DEFAULT_STREAM_HOST = "wss://stream.tutum.co"
@@ -421,6 +422,7 @@ class StreamConfig:
     reconnect_max: float = 30.0
     secrets: tuple[str, ...] = field(repr=False, default=())
     apikey_file: Path | None = None
+    proxy: HttpProxy | None = None            # from https_proxy / http_proxy, no_proxy
 
     @property
     def redacted_url(self) -> str:
@@ -542,12 +544,14 @@ def _with_password(url: str, password: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def stream_config(values: Mapping[str, object],
-                  reconnect_max: float = 30.0) -> tuple[StreamConfig, tuple[str, ...]]:
-    """The stream settings with authentication resolved; also the secrets to hide.
+def stream_config(values: Mapping[str, object], reconnect_max: float = 30.0,
+                  environ: Mapping[str, str] | None = None,
+                  ) -> tuple[StreamConfig, tuple[str, ...]]:
+    """The stream settings with authentication and the proxy resolved; also the
+    secrets to hide.
 
     A verbatim `TUTUM_AUTH` wins; otherwise user and key go in the query string, the
-    documented form.
+    documented form. The proxy comes from the variables curl reads (bridge/proxy.py).
     """
     apikey = values.get("apikey")
     if values.get("apikey_file"):
@@ -566,12 +570,19 @@ def stream_config(values: Mapping[str, object],
     else:
         missing = "TUTUM_APIKEY (or TUTUM_APIKEY_FILE)" if user else "TUTUM_USER"
         raise ConfigError(f"missing credentials: set {missing}, or TUTUM_AUTH")
+    try:
+        proxy = choose_proxy(url, environ or {})
+    except ProxyConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if proxy is not None:
+        secrets += proxy.secrets
     return StreamConfig(
         url=url, headers=headers, ca_file=values.get("ca_file"),
         ping_interval=values["ping_interval"], ping_timeout=values["ping_timeout"],
         max_frame_bytes=values["max_frame_bytes"],
         retry_unauthorized=values["retry_unauthorized"], reconnect_max=reconnect_max,
-        secrets=secrets, apikey_file=None if auth else values.get("apikey_file")), secrets
+        secrets=secrets, apikey_file=None if auth else values.get("apikey_file"),
+        proxy=proxy), secrets
 
 
 def default_state_dir(environ: Mapping[str, str]) -> Path:
@@ -661,7 +672,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
     environ = os.environ if environ is None else environ
     values = resolve(args, environ, ALL_RUN_SETTINGS)
     apply_credentials(values, environ)
-    stream, stream_secrets = stream_config(values, values["reconnect_max"])
+    stream, stream_secrets = stream_config(values, values["reconnect_max"], environ)
     amqp, amqp_secrets = amqp_config(values)
     return Config(
         stream=stream, amqp=amqp,

@@ -34,11 +34,12 @@ from urllib.parse import urlsplit
 
 import websocket
 
-from bridge import frames
+from bridge import frames, proxy
 from bridge import log as logging_
 from bridge.backoff import Backoff
 from bridge.config import StreamConfig
 from bridge.errors import TLSVerificationError, UpstreamUnauthorized
+from bridge.proxy import HttpProxy
 
 CONNECT_TIMEOUT = 10.0
 AUTH_TIMEOUT = 15.0
@@ -180,7 +181,10 @@ class StreamReader:
             self._log.warning("stream.connect_failed", reason=reason)
 
     def _connect(self) -> None:
-        self._log.info("stream.connecting")
+        if self._config.proxy is None:
+            self._log.info("stream.connecting")
+        else:
+            self._log.info("stream.connecting", via=self._config.proxy.redacted)
         url, secrets = self._config.current_url()     # a rotated TUTUM_APIKEY_FILE
         logging_.add_secrets(secrets)
         try:
@@ -211,12 +215,28 @@ class StreamReader:
 
         A blocking connect cannot be interrupted, so it runs non-blocking and looks
         at the stop flag between waits; TLS then runs on `_opening`, which `stop()`
-        shuts down. websocket-client does the HTTP handshake on the result.
+        shuts down. websocket-client does the HTTP handshake on the result. Through a
+        proxy, the TCP connection is to the proxy, and TLS runs in the tunnel it opens.
         """
         parts = urlsplit(self._config.url)
         secure = parts.scheme == "wss"
         host, port = parts.hostname, parts.port or (443 if secure else 80)
+        via = self._config.proxy
         deadline = time.monotonic() + CONNECT_TIMEOUT
+        sock = self._connect_to(*((via.host, via.port) if via else (host, port)), deadline)
+        try:
+            if via is not None:
+                self._tunnel(sock, via, host, port, deadline)
+            if secure:
+                sock = self._tls_context().wrap_socket(sock, server_hostname=host)
+                self._opening = sock
+        except BaseException:
+            sock.close()        # a refusing proxy is retried: no socket left per attempt
+            raise
+        return sock
+
+    def _connect_to(self, host: str, port: int, deadline: float) -> socket.socket:
+        """A connected TCP socket to the first address of `host` that answers."""
         error: OSError = OSError(errno.EHOSTUNREACH, f"no address for {host}")
         for family, kind, proto, _, address in socket.getaddrinfo(host, port,
                                                                   type=socket.SOCK_STREAM):
@@ -231,11 +251,35 @@ class StreamReader:
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(max(deadline - time.monotonic(), 0.1))
-            if secure:
-                sock = self._tls_context().wrap_socket(sock, server_hostname=host)
-                self._opening = sock
             return sock
         raise error
+
+    def _tunnel(self, sock: socket.socket, via: HttpProxy, host: str, port: int,
+                deadline: float) -> None:
+        """Ask the proxy for a tunnel to `host:port` (bridge/proxy.py)."""
+        sock.sendall(proxy.connect_request(host, port, via))
+        received = b""
+        try:
+            while (length := proxy.reply_length(received)) is None:
+                self._check_stopping()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise proxy.ProxyRefused(f"no answer to CONNECT within "
+                                             f"{CONNECT_TIMEOUT:g} s")
+                readable, _, _ = select.select([sock], [], [], min(left, 0.1))
+                if readable:
+                    chunk = sock.recv(proxy.REPLY_MAX)
+                    if not chunk:
+                        raise proxy.ProxyRefused("closed before answering CONNECT")
+                    received += chunk
+            proxy.parse_reply(received[:length])
+        except proxy.ProxyRefused as exc:
+            raise ConnectionLost(f"proxy {via.redacted}: {exc}") from None
+        if len(received) > length:
+            # TLS and the websocket handshake both wait for us to speak first, so the
+            # stream cannot have sent these: the tunnel is not a clean byte pipe.
+            raise ConnectionLost(f"proxy {via.redacted}: bytes after its reply to CONNECT, "
+                                 f"before the stream could speak")
 
     def _connect_socket(self, sock: socket.socket, address, deadline: float) -> None:
         sock.setblocking(False)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pika
 
+from bridge import proxy
 from bridge.bench import plot
 from bridge.bench.children import BenchError
 from bridge.bench.harness import BRIDGES, HA, LIMITS, Bench, Settings
@@ -40,7 +41,7 @@ AMQP_SETTING = (Setting("amqp_url", "AMQP_URL", "broker to measure against (its 
 
 # The children get the benchmark's environment minus anything that would configure
 # them behind its back.
-_CHILD_ENV_DROP = ("TUTUM_", "BRIDGE_", "AMQP_", "LOG_")
+_CHILD_ENV_DROP = ("TUTUM_", "BRIDGE_", "AMQP_", "LOG_") + proxy.VARIABLES
 # Measured: in a burst of 300,000 the leader fell 200,000 behind its standby's copy
 # of the stream, was dropped, and the rest reached the workers only as the standby's
 # offers; 150,000 keeps it well within the simulator's bound.

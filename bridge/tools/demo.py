@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from bridge import proxy
 from bridge.config import TOPOLOGY_SETTINGS
 from bridge.config import add_arguments as add_setting_arguments
 from bridge.config import amqp_config, child_environment, from_environment, parse_seconds
@@ -40,7 +41,7 @@ STOP_TIMEOUT = {"bridge": 15.0, "simulator": 5.0, "tail": 5.0}   # bridge: shutd
 SETTINGS = broker.SETTINGS + tuple(s for s in TOPOLOGY_SETTINGS if s.name == "quarantine")
 # The user's own settings (a production BRIDGE_SPOOL, say) must never reach the
 # demo's children: they get exactly the environment built here.
-_OWN_PREFIXES = ("TUTUM_", "BRIDGE_", "AMQP_", "LOG_")
+_OWN_PREFIXES = ("TUTUM_", "BRIDGE_", "AMQP_", "LOG_") + proxy.VARIABLES
 
 
 def _rate(text: str) -> str:
