@@ -55,6 +55,14 @@ _HEADER_FIXED = 12 + len(_FLAGS_AND_TYPE) + 2 + 8 + len(_APP_ID)
 _PUBLISH = struct.pack(">IH", spec.Basic.Publish.INDEX, 0)      # method id, ticket
 
 
+def properties(message_id: str, timestamp: int, headers: dict) -> spec.BasicProperties:
+    """The properties of every bridge publish (docs/contract.md section 3), as pika's
+    object: for pika's own `basic_publish`, when `encode_publish` is not used."""
+    return spec.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2,
+                                message_id=message_id, timestamp=timestamp, app_id=APP_ID,
+                                headers=headers)
+
+
 @lru_cache(maxsize=1024)
 def _method_frame(channel_number: int, exchange: str, routing_key: str) -> bytes:
     """Basic.Publish with mandatory and immediate off: constant per destination."""

@@ -23,6 +23,8 @@ VERBS = {
     "bind": ("bridge.tools.bind", "declare a durable queue bound to routing-key patterns"),
     "demo": ("bridge.tools.demo", "simulator, bridge and tail together, for a first look"),
     "bench": ("bridge.bench.cli", "throughput and latency benchmark against a naive bridge"),
+    "dead-letters": ("bridge.tools.dead_letters",
+                     "list the events the broker refused for good, or replay them"),
 }
 
 

@@ -615,7 +615,10 @@ def apply_credentials(values: dict[str, object], environ: Mapping[str, str]) -> 
             values[setting] = path
 
 
-def spool_path(values: Mapping[str, object], environ: Mapping[str, str]) -> Path:
+def spool_path(values: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Path:
+    """BRIDGE_SPOOL, else in the state directory (this process's environment if no
+    `environ` is given: a tool that opens the files beside the spool)."""
+    environ = os.environ if environ is None else environ
     return values["spool"] or (values["state_dir"] or default_state_dir(environ)) / "spool.sqlite3"
 
 

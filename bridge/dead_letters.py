@@ -8,7 +8,10 @@ reason are kept in an SQLite file next to the spool, readable with any SQLite to
 
     sqlite3 spool.dead-letters.sqlite3 'SELECT seq, message_id, reason FROM dead_letters'
 
-An event set aside is never published again by this bridge, after a restart included.
+An event set aside is never published again by this bridge, after a restart included:
+once the cause is fixed, `tutum-bridge dead-letters replay` (bridge/tools/
+dead_letters.py) publishes it and removes it from here, from another process, while
+the bridge runs or not (SQLite locks the file between them).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.event import Event
@@ -38,8 +42,22 @@ def path_beside(spool_path: Path) -> Path:
     return spool_path.with_name(spool_path.stem + ".dead-letters.sqlite3")
 
 
+@dataclass(frozen=True)
+class DeadLetter:
+    """One event set aside, as stored."""
+
+    seq: int
+    message_id: str
+    received_at: float
+    set_aside_at: float
+    routing_key: str
+    headers: dict
+    body: bytes
+    reason: str
+
+
 class DeadLetters:
-    """Append-only, used from the publisher's thread only."""
+    """Appended to by the publisher's thread; read and emptied by the tool."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -57,6 +75,19 @@ class DeadLetters:
         """The sequence numbers set aside above `seq` (those the spool may still hold)."""
         return {row[0] for row in self._db.execute(
             "SELECT seq FROM dead_letters WHERE seq > ?", (seq,))}
+
+    def entries(self) -> list[DeadLetter]:
+        """Every event set aside, in the order received."""
+        rows = self._db.execute("SELECT seq, message_id, received_at, set_aside_at, "
+                                "routing_key, headers, body, reason FROM dead_letters "
+                                "ORDER BY seq").fetchall()
+        return [DeadLetter(seq, mid, received, set_aside, key, json.loads(headers),
+                           bytes(body), reason)
+                for seq, mid, received, set_aside, key, headers, body, reason in rows]
+
+    def remove(self, seq: int) -> None:
+        """Forget an event, once the broker has confirmed it at last."""
+        self._db.execute("DELETE FROM dead_letters WHERE seq = ?", (seq,))
 
     @property
     def count(self) -> int:

@@ -6,7 +6,7 @@ requests read it: `https_proxy` for a `wss://` stream, `http_proxy` for `ws://`
 (lower case first, then upper case), and `no_proxy` for the hosts to reach directly.
 The bridge asks the proxy for a tunnel (`CONNECT host:port`), then speaks TLS and the
 websocket through it exactly as it would directly, so the certificate it verifies is
-still the stream's own (docs/contract.md section 1, the upstream protocol, unchanged).
+still the stream's own (docs/contract.md section 2, the upstream protocol, unchanged).
 
 This module is sans-IO: `choose` reads a mapping, `connect_request` returns bytes,
 and `reply_length` and `parse_reply` read bytes the caller received. The socket, the

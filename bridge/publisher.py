@@ -44,7 +44,7 @@ from pika.adapters.utils.connection_workflow import AMQPConnectionWorkflowFailed
 
 from bridge import log as logging_
 from bridge.amqp_acks import Acks, AckReadingConnection
-from bridge.amqp_encode import APP_ID, CONTENT_TYPE, encode_publish
+from bridge.amqp_encode import encode_publish, properties
 from bridge.backoff import Backoff
 from bridge.config import AmqpConfig
 from bridge.confirms import Position
@@ -510,9 +510,8 @@ class Publisher:
         routing_key = self._topology.quarantine if ev.quarantined else ev.routing_key
         message_id = self._message_id(seq, ev)
         if self._write is None:
-            return (exchange, routing_key, ev.body, pika.BasicProperties(
-                content_type=CONTENT_TYPE, delivery_mode=2, message_id=message_id,
-                timestamp=int(ev.received_at), app_id=APP_ID, headers=headers))
+            return (exchange, routing_key, ev.body,
+                    properties(message_id, int(ev.received_at), headers))
         return encode_publish(self._channel.channel_number, exchange, routing_key, ev.body,
                               message_id=message_id, timestamp=int(ev.received_at),
                               headers=headers, frame_max=self._connection.params.frame_max)

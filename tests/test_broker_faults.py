@@ -20,7 +20,7 @@ import pytest
 
 from bridge import topology as topo
 from bridge.dead_letters import path_beside
-from tests.support import broker
+from tests.support import broker, procs
 from tests.support.fault_rig import Rig, assert_guarantee
 from tests.support.ledger import Collector, compute
 from tests.support.rabbit_node import extra_node, healthy_node  # noqa: F401 - fixtures
@@ -211,3 +211,52 @@ def test_a_message_above_max_message_size_is_set_aside_and_the_rest_go_on(rig, t
     assert "message size" in set_aside["reason"]
     assert ledger.lost == 1 and rig.missing(ledger) == {20}, ledger.summary()
     assert ledger.out_of_order == 0 and ledger.unexplained_duplicates == 0, ledger.summary()
+
+
+def test_dead_letters_replay_publishes_what_the_broker_now_takes_and_keeps_the_rest(rig, tmp_path):
+    """The operator's way out of a set-aside event (README, Runbook): `list` shows it;
+    `replay` while the broker still refuses it keeps it and says so (exit 1); once
+    max_message_size is raised, `replay` publishes it as the bridge would have, with
+    `x-republished`, and removes it. The bridge runs all along."""
+    lines = [json.dumps({"type": "container", "action": "update", "sim_seq": n,
+                         "resource_uri": f"/api/v1/container/{n}/",
+                         **({"padding": "x" * 20000} if n == 5 else {})})
+             for n in range(1, 11)]
+    replay = tmp_path / "events.jsonl"
+    replay.write_text("\n".join(lines) + "\n")
+    rig.node.ctl("eval", "application:set_env(rabbit, max_message_size, 8192).")
+    try:
+        sim = rig._start_simulator("--replay", str(replay), "--rate", "50")
+        proc = rig.bridge(sim)
+        rig.settle(sim, 10, timeout=60, allow_missing=frozenset({5}))
+        rig.wait_log(proc, "broker.set_aside")
+
+        (listed,) = [json.loads(line) for line in tool(rig, tmp_path, "list", "--json")[1]]
+        assert (listed["routing_key"], listed["headers"]["type"]) == ("container.update",
+                                                                      "container")
+        assert listed["bytes"] > 20000 and "max size" in listed["reason"]
+
+        code, out, err = tool(rig, tmp_path, "replay")
+        assert code == 1 and out == [], (out, err)
+        assert len(err) == 1 and "0 of 1 replayed" in err[0] and "still refuses" in err[0], err
+    finally:
+        rig.node.ctl("eval", "application:set_env(rabbit, max_message_size, 134217728).")
+    code, out, err = tool(rig, tmp_path, "replay")
+    assert code == 0 and out == [f"replayed seq={listed['seq']} message_id="
+                                 f"{listed['message_id']} routing_key=container.update"], err
+    rig.wait_delivered(10)
+    (copy,) = [m for m in rig.collector.messages if m.seq == 5]
+    assert copy.message_id == listed["message_id"] and copy.republished
+    assert copy.routing_key == "container.update" and copy.headers["type"] == "container"
+    assert tool(rig, tmp_path, "list", "--json")[1] == []
+    assert proc.popen.poll() is None
+
+
+def tool(rig: Rig, tmp_path, *args: str) -> tuple[int, list[str], list[str]]:
+    """`tutum-bridge dead-letters ARGS` on the rig's spool: exit code, stdout and
+    stderr lines."""
+    env = {**rig.topology.bridge_env(), "AMQP_URL": rig.url}
+    proc = procs.spawn(["dead-letters", *args, "--spool", str(tmp_path / "spool.sqlite3")],
+                       tmp_path, f"dead-letters-{args[0]}", env)
+    code = proc.popen.wait(timeout=30)
+    return code, proc.stdout.splitlines(), [ln for ln in proc.stderr.splitlines() if ln]
