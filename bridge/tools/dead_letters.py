@@ -4,8 +4,9 @@ The bridge sets an event aside (bridge/dead_letters.py) when the broker will nev
 take it as things are: a body above `max_message_size`, headers above `frame_max`.
 Once the operator has fixed the cause, `replay` publishes each one as the bridge
 would have (same exchange, routing key, headers, `message_id` and `timestamp`, plus
-`x-republished: true`, since a worker may have learned of it otherwise), waits for the
-broker's confirm, and only then removes it from the file. An event the broker still
+`x-republished: true`: a replay cut short between a confirm and the removal publishes
+that event again next time), waits for the broker's confirm, and only then removes it
+from the file. An event the broker still
 refuses stays, and the verb says why in one line and exits 1. `list` shows what is
 there, for a person or (`--json`) for a machine.
 
