@@ -185,22 +185,13 @@ def test_a_message_above_max_message_size_is_set_aside_and_the_rest_go_on(rig, t
     """One event is larger than the broker's max_message_size: the broker closes the
     channel on it, every time. After a bounded number of attempts it is set aside in
     the dead letters, whole, counted and logged, and every event behind it arrives."""
-    lines = []
-    for n in range(1, 61):
-        event = {"type": "container", "action": "update", "sim_seq": n,
-                 "resource_uri": f"/api/v1/container/{n}/"}
-        if n == 20:
-            event["padding"] = "x" * 20000
-        lines.append(json.dumps(event))
-    replay = tmp_path / "events.jsonl"
-    replay.write_text("\n".join(lines) + "\n")
-    rig.node.ctl("eval", "application:set_env(rabbit, max_message_size, 8192).")
+    max_message_size(rig, SMALL_MAX)
     try:
-        sim = rig._start_simulator("--replay", str(replay), "--rate", "50")
+        sim = simulator_with_one_oversize(rig, tmp_path, count=60, big=20)
         proc = rig.bridge(sim)
         ledger = rig.settle(sim, 60, timeout=60, allow_missing=frozenset({20}), set_aside=1)
     finally:
-        rig.node.ctl("eval", "application:set_env(rabbit, max_message_size, 134217728).")
+        max_message_size(rig, DEFAULT_MAX)
     set_aside = rig.wait_log(proc, "broker.set_aside")
     assert rig.metric(proc, "tutum_bridge_events_set_aside_total") == 1
     assert proc.popen.poll() is None
@@ -218,15 +209,9 @@ def test_dead_letters_replay_publishes_what_the_broker_now_takes_and_keeps_the_r
     `replay` while the broker still refuses it keeps it and says so (exit 1); once
     max_message_size is raised, `replay` publishes it as the bridge would have, with
     `x-republished`, and removes it. The bridge runs all along."""
-    lines = [json.dumps({"type": "container", "action": "update", "sim_seq": n,
-                         "resource_uri": f"/api/v1/container/{n}/",
-                         **({"padding": "x" * 20000} if n == 5 else {})})
-             for n in range(1, 11)]
-    replay = tmp_path / "events.jsonl"
-    replay.write_text("\n".join(lines) + "\n")
-    rig.node.ctl("eval", "application:set_env(rabbit, max_message_size, 8192).")
+    max_message_size(rig, SMALL_MAX)
     try:
-        sim = rig._start_simulator("--replay", str(replay), "--rate", "50")
+        sim = simulator_with_one_oversize(rig, tmp_path, count=10, big=5)
         proc = rig.bridge(sim)
         rig.settle(sim, 10, timeout=60, allow_missing=frozenset({5}))
         rig.wait_log(proc, "broker.set_aside")
@@ -240,7 +225,7 @@ def test_dead_letters_replay_publishes_what_the_broker_now_takes_and_keeps_the_r
         assert code == 1 and out == [], (out, err)
         assert len(err) == 1 and "0 of 1 replayed" in err[0] and "still refuses" in err[0], err
     finally:
-        rig.node.ctl("eval", "application:set_env(rabbit, max_message_size, 134217728).")
+        max_message_size(rig, DEFAULT_MAX)
     code, out, err = tool(rig, tmp_path, "replay")
     assert code == 0 and out == [f"replayed seq={listed['seq']} message_id="
                                  f"{listed['message_id']} routing_key=container.update"], err
@@ -250,6 +235,24 @@ def test_dead_letters_replay_publishes_what_the_broker_now_takes_and_keeps_the_r
     assert copy.routing_key == "container.update" and copy.headers["type"] == "container"
     assert tool(rig, tmp_path, "list", "--json")[1] == []
     assert proc.popen.poll() is None
+
+
+SMALL_MAX, DEFAULT_MAX = 8192, 134217728      # the broker's max_message_size, bytes
+
+
+def max_message_size(rig: Rig, size: int) -> None:
+    rig.node.ctl("eval", f"application:set_env(rabbit, max_message_size, {size}).")
+
+
+def simulator_with_one_oversize(rig: Rig, tmp_path, count: int, big: int):
+    """The simulator replaying `count` sequenced events, of which `big` is over 20 KB."""
+    lines = [json.dumps({"type": "container", "action": "update", "sim_seq": n,
+                         "resource_uri": f"/api/v1/container/{n}/",
+                         **({"padding": "x" * 20000} if n == big else {})})
+             for n in range(1, count + 1)]
+    replay = tmp_path / "events.jsonl"
+    replay.write_text("\n".join(lines) + "\n")
+    return rig._start_simulator("--replay", str(replay), "--rate", "50")
 
 
 def tool(rig: Rig, tmp_path, *args: str) -> tuple[int, list[str], list[str]]:
