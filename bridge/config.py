@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import pika
 
 from bridge.errors import ConfigError
+from bridge import proxy
 from bridge.proxy import HttpProxy, ProxyConfigError, choose as choose_proxy
 from bridge.topology import HISTORY_QUEUE, QUEUE_TYPES, Topology, history_spec
 
@@ -350,6 +351,13 @@ def from_environment(args: argparse.Namespace,
                      settings: tuple[Setting, ...]) -> dict[str, object]:
     """`resolve` against this process's environment."""
     return resolve(args, os.environ, settings)
+
+
+# What configures a bridge from its environment: the settings' prefixes and the proxy
+# variables. A verb that starts a bridge against its own local simulator (demo, bench,
+# the testing kit) passes none of its own on: they were meant for itself, and a proxy
+# set for the outside world would stand between that bridge and 127.0.0.1.
+BRIDGE_ENVIRONMENT = ("TUTUM_", "BRIDGE_", "AMQP_", "LOG_") + proxy.VARIABLES
 
 
 def child_environment(drop_prefixes: tuple[str, ...] = ()) -> dict[str, str]:

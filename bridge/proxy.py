@@ -20,9 +20,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-# Every variable `choose` reads. A verb whose stream is its own local simulator (demo,
-# bench) leaves them out of its children's environment: a proxy set in the user's
-# shell for the outside world would stand between the bridge and 127.0.0.1.
+# Every variable `choose` reads (part of bridge/config.py BRIDGE_ENVIRONMENT).
 VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY")
 REPLY_MAX = 16 * 1024     # bytes of a CONNECT reply's head; a proxy's is a few hundred
 REASON_MAX = 100          # characters of the proxy's reason phrase kept for the log

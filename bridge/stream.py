@@ -39,7 +39,6 @@ from bridge import log as logging_
 from bridge.backoff import Backoff
 from bridge.config import StreamConfig
 from bridge.errors import TLSVerificationError, UpstreamUnauthorized
-from bridge.proxy import HttpProxy
 
 CONNECT_TIMEOUT = 10.0
 AUTH_TIMEOUT = 15.0
@@ -254,7 +253,7 @@ class StreamReader:
             return sock
         raise error
 
-    def _tunnel(self, sock: socket.socket, via: HttpProxy, host: str, port: int,
+    def _tunnel(self, sock: socket.socket, via: proxy.HttpProxy, host: str, port: int,
                 deadline: float) -> None:
         """Ask the proxy for a tunnel to `host:port` (bridge/proxy.py)."""
         sock.sendall(proxy.connect_request(host, port, via))

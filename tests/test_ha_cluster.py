@@ -17,14 +17,13 @@ link: a quorum queue that lost its majority takes publishes and answers none of 
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 from tests.support.fault_rig import Rig, assert_guarantee
 from tests.support.ha import HaRig, same_identity
-from tests.support.rabbit_node import RabbitCluster
+from tests.support.rabbit_node import RabbitCluster, in_parallel
 from tests.support.wait import wait_for
 
 
@@ -86,34 +85,16 @@ def test_a_quorum_queue_without_its_majority_trips_the_confirm_deadline(
         proc = rig.bridge(sim, BRIDGE_CONFIRM_TIMEOUT="2", BRIDGE_AMQP_HEARTBEAT="60")
         rig.wait_delivered(200, timeout=30)
 
-        _in_parallel(node.stop for node in others)
+        in_parallel(node.stop for node in others)
         silent = rig.wait_log(proc, "broker.silent", timeout=30)
         assert "no confirm" in silent["reason"], silent
         assert not rig.collector.has_all(rig.sent(sim))     # events wait meanwhile
 
-        _in_parallel(node.start for node in others)
+        in_parallel(node.start for node in others)
         rig.wait_log(proc, "broker.ready", timeout=60, count=2)
         ledger = rig.settle(sim, 2400, timeout=120)
         assert_guarantee(ledger)
     finally:
-        _in_parallel(node.start for node in others)     # the module's next test needs them
+        in_parallel(node.start for node in others)     # the module's next test needs them
         rig.close()
 
-
-def _in_parallel(actions) -> None:
-    """Run each action on its own thread (a node takes seconds to stop or start) and
-    raise the first error."""
-    errors: list[BaseException] = []
-
-    def run(action) -> None:
-        try:
-            action()
-        except BaseException as exc:  # noqa: BLE001 - raised below, on this thread
-            errors.append(exc)
-    threads = [threading.Thread(target=run, args=(action,)) for action in actions]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]

@@ -17,9 +17,8 @@ import pytest
 
 from tests.support import procs
 from tests.support.http_proxy import HttpConnectProxy
-from tests.support.tls import make_pki
 from tests.support.wait import wait_for
-from tests.test_tls import EVENTS, exit_code, simulated_events, wss_simulator
+from tests.test_tls import EVENTS, exit_code, pki, simulated_events, wss_simulator  # noqa: F401
 
 PASSWORD = "s3cret-proxy-pw"
 
@@ -28,11 +27,6 @@ PASSWORD = "s3cret-proxy-pw"
 def proxy():
     with HttpConnectProxy(credentials=f"bridge:{PASSWORD}") as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def authority(sim: procs.Proc) -> str:

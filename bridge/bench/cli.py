@@ -26,12 +26,11 @@ from pathlib import Path
 
 import pika
 
-from bridge import proxy
 from bridge.bench import plot
 from bridge.bench.children import BenchError
 from bridge.bench.harness import BRIDGES, HA, LIMITS, Bench, Settings
 from bridge.bench.report import ratios, table
-from bridge.config import Setting, child_environment, from_environment, parse_amqp_urls, redact_url
+from bridge.config import BRIDGE_ENVIRONMENT, Setting, child_environment, from_environment, parse_amqp_urls, redact_url
 from bridge.config import add_arguments as add_settings
 from bridge.errors import ConfigError
 from bridge.simulator.fanout import OUTBOX_MAX
@@ -39,9 +38,6 @@ from bridge.simulator.fanout import OUTBOX_MAX
 AMQP_SETTING = (Setting("amqp_url", "AMQP_URL", "broker to measure against (its first URL)",
                         "amqp://guest:guest@127.0.0.1:5672/%2F", parse_amqp_urls, secret=True),)
 
-# The children get the benchmark's environment minus anything that would configure
-# them behind its back.
-_CHILD_ENV_DROP = ("TUTUM_", "BRIDGE_", "AMQP_", "LOG_") + proxy.VARIABLES
 # Measured: in a burst of 300,000 the leader fell 200,000 behind its standby's copy
 # of the stream, was dropped, and the rest reached the workers only as the standby's
 # offers; 150,000 keeps it well within the simulator's bound.
@@ -170,7 +166,7 @@ def main(args: argparse.Namespace) -> int:
                         skip_idle=args.skip_idle, backlog=args.backlog,
                         soak_seconds=args.soak or 0.0, soak_rate=args.soak_rate,
                         sample_seconds=args.sample_seconds, burst_rounds=args.burst_rounds)
-    base_env = child_environment(_CHILD_ENV_DROP)
+    base_env = child_environment(BRIDGE_ENVIRONMENT)   # nothing configures them unseen
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with tempfile.TemporaryDirectory(prefix="tutum-bench-") as workdir:

@@ -11,7 +11,6 @@ there means n were confirmed.
 from __future__ import annotations
 
 import collections
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pika
 
-from bridge import proxy
+from bridge.config import BRIDGE_ENVIRONMENT, child_environment
 from bridge.testing.stream import ScriptedStream
 from bridge.topology import Topology, declare, delete
 
@@ -44,9 +43,7 @@ class BridgeProcess:
         self._channel.queue_bind(self._watch, self.exchange, "#")
         self._confirmed: collections.Counter[bytes] = collections.Counter()
         self.log_path = directory / f"bridge-{tag}.log"
-        child_env = {k: v for k, v in os.environ.items()     # proxy.VARIABLES: see there
-                     if not k.startswith(("TUTUM_", "BRIDGE_", "AMQP_", "LOG_")
-                                         + proxy.VARIABLES)}
+        child_env = child_environment(BRIDGE_ENVIRONMENT)
         child_env.update({
             "TUTUM_STREAM_HOST": stream.url, "TUTUM_USER": stream.user,
             "TUTUM_APIKEY": stream.apikey, "AMQP_URL": amqp_url,

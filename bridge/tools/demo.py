@@ -25,10 +25,10 @@ import threading
 import time
 from pathlib import Path
 
-from bridge import proxy
 from bridge.config import TOPOLOGY_SETTINGS
 from bridge.config import add_arguments as add_setting_arguments
-from bridge.config import amqp_config, child_environment, from_environment, parse_seconds
+from bridge.config import BRIDGE_ENVIRONMENT, amqp_config, child_environment, from_environment
+from bridge.config import parse_seconds
 from bridge.errors import EXIT_FAILURE, EXIT_OK, BridgeError
 from bridge.tools import broker
 from bridge.tools.tail import READY_LINE
@@ -41,7 +41,6 @@ STOP_TIMEOUT = {"bridge": 15.0, "simulator": 5.0, "tail": 5.0}   # bridge: shutd
 SETTINGS = broker.SETTINGS + tuple(s for s in TOPOLOGY_SETTINGS if s.name == "quarantine")
 # The user's own settings (a production BRIDGE_SPOOL, say) must never reach the
 # demo's children: they get exactly the environment built here.
-_OWN_PREFIXES = ("TUTUM_", "BRIDGE_", "AMQP_", "LOG_") + proxy.VARIABLES
 
 
 def _rate(text: str) -> str:
@@ -154,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
     values = from_environment(args, SETTINGS)
     amqp, _ = amqp_config(values)
     patterns = args.patterns or ["#"]
-    base_env = child_environment(_OWN_PREFIXES)
+    base_env = child_environment(BRIDGE_ENVIRONMENT)
     amqp_env = {"AMQP_URL": ",".join(amqp.urls), "BRIDGE_EXCHANGE": amqp.exchange,
                 "BRIDGE_UNROUTED": values["unrouted"]}
     for name, path in (("AMQP_CA_FILE", amqp.ca_file), ("AMQP_CERT_FILE", amqp.cert_file),

@@ -7,7 +7,6 @@ can show it and a secrets test can read every byte of it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bridge import proxy
+from bridge.config import BRIDGE_ENVIRONMENT, child_environment
 from tests.support.broker import AMQP_URL
 from tests.support.wait import wait_for
 
@@ -61,10 +60,7 @@ class Proc:
 
 def spawn(args: list[str], tmp_path: Path, name: str, env: dict[str, str] | None = None) -> Proc:
     out, err = tmp_path / f"{name}.stdout", tmp_path / f"{name}.stderr"
-    # A proxy of the machine's would stand between the bridge and the local simulator
-    # (bridge/proxy.py VARIABLES): a test that wants one gives it.
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("TUTUM_", "BRIDGE_", "AMQP_", "LOG_") + proxy.VARIABLES)}
+    full_env = child_environment(BRIDGE_ENVIRONMENT)   # a test gives what it wants
     full_env.update(env or {})
     popen = subprocess.Popen([sys.executable, "-m", "bridge", *args],
                              stdout=out.open("wb"), stderr=err.open("wb"),

@@ -39,6 +39,25 @@ def _heal(node: RabbitNode) -> None:
         node.memory_alarm(False)
 
 
+def in_parallel(actions) -> None:
+    """Run each action on its own thread (a node takes seconds to start or stop) and
+    raise the first error once all are done."""
+    errors: list[BaseException] = []
+
+    def run(action) -> None:
+        try:
+            action()
+        except BaseException as exc:  # noqa: BLE001 - raised below, on this thread
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(action,)) for action in actions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def join_cluster(node: RabbitNode, seed: RabbitNode) -> None:
     """Make a new, running `node` a member of `seed`'s cluster (its data is reset)."""
     node.ctl("stop_app")
@@ -59,21 +78,11 @@ class RabbitCluster:
         self.nodes = [RabbitNode("tbcluster") for _ in range(size)]
 
     def start(self) -> "RabbitCluster":
-        errors: list[BaseException] = []
-
-        def boot(node: RabbitNode) -> None:
-            try:
-                node.start()
-            except BaseException as exc:  # noqa: BLE001 - raised below, on this thread
-                errors.append(exc)
-        threads = [threading.Thread(target=boot, args=(n,)) for n in self.nodes]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
+        try:
+            in_parallel(node.start for node in self.nodes)
+        except BaseException:
             self.discard()
-            raise errors[0]
+            raise
         for node in self.nodes[1:]:
             join_cluster(node, self.nodes[0])
         return self

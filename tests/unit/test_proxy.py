@@ -3,12 +3,11 @@ without sockets; the stream through a real proxy is tests/test_stream_proxy.py."
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from bridge import config, proxy
 from bridge.errors import ConfigError
+from tests.unit.test_config import parse
 
 STREAM = "wss://stream.tutum.co/v1/events"
 
@@ -111,27 +110,20 @@ def test_the_config_carries_the_proxy_and_hides_its_password(tmp_path):
     environ = {"TUTUM_USER": "alice", "TUTUM_APIKEY": "key", "HOME": str(tmp_path),
                "XDG_STATE_HOME": str(tmp_path), "HTTPS_PROXY": "http://u:ProxyPw-9@p:3128",
                "NO_PROXY": "rabbit.internal"}
-    cfg = config.load(_args(), environ)
+    cfg = config.load(parse(), environ)
     assert (cfg.stream.proxy.host, cfg.stream.proxy.port) == ("p", 3128)
     assert "ProxyPw-9" in cfg.secrets and "ProxyPw-9" not in repr(cfg)
     environ["HTTPS_PROXY"] = "socks5://u:ProxyPw-9@p:1080"
     with pytest.raises(ConfigError) as error:
-        config.load(_args(), environ)
+        config.load(parse(), environ)
     assert "HTTPS_PROXY" in str(error.value) and "ProxyPw-9" not in str(error.value)
 
 
-def _args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    config.add_arguments(parser, config.ALL_RUN_SETTINGS)
-    return parser.parse_args([])
 
 
 def test_verbs_whose_stream_is_a_local_simulator_give_their_bridge_no_proxy(monkeypatch):
     """A proxy in the user's shell is for the outside world; `demo` and `bench` run
     their own simulator on 127.0.0.1 (and so does the testing kit)."""
-    from bridge.bench import cli as bench_cli
-    from bridge.tools import demo
     for name in proxy.VARIABLES:
         monkeypatch.setenv(name, "http://corp-proxy:3128")
-    for drop in (demo._OWN_PREFIXES, bench_cli._CHILD_ENV_DROP):
-        assert not set(proxy.VARIABLES) & set(config.child_environment(drop))
+    assert not set(proxy.VARIABLES) & set(config.child_environment(config.BRIDGE_ENVIRONMENT))
