@@ -10,7 +10,7 @@ which runs in a worker's test session, not in the bridge, and reads its own
 `TUTUM_TEST_*` variables (docs/contract.md section 10).
 
 Secrets (the API key, `TUTUM_AUTH`, the AMQP password, a proxy's password) are kept in the returned
-`Config` but never in its `repr`, and `redact_url` is the only way a URL reaches a log.
+`Config` but never in its `repr`, and `redact_url` (bridge/redact.py) is the only way a URL reaches a log.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import pika
 
 from bridge.errors import ConfigError
+from bridge.redact import redact_url
 from bridge import proxy
 from bridge.proxy import HttpProxy, ProxyConfigError, choose as choose_proxy
 from bridge.topology import HISTORY_QUEUE, QUEUE_TYPES, Topology, history_spec
@@ -156,29 +157,6 @@ def parse_existing_file(text: str) -> Path:
     if not path.is_file():
         raise ValueError("is not a file")
     return path
-
-
-# --- secrets in URLs -----------------------------------------------------------------
-
-_SECRET_QUERY_KEYS = {"token", "apikey", "api_key", "password"}
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password and token replaced by `***`, safe for logs."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None or "@" in netloc:
-            userinfo, _, hostport = netloc.rpartition("@")
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
-        query = urlencode(
-            [(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v)
-             for k, v in parse_qsl(parts.query, keep_blank_values=True)],
-            safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "<unparseable url>"
 
 
 # --- the settings table --------------------------------------------------------------

@@ -20,6 +20,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+from bridge.redact import redact_url
+
 # Every variable `choose` reads (part of bridge/config.py BRIDGE_ENVIRONMENT).
 VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY")
 REPLY_MAX = 16 * 1024     # bytes of a CONNECT reply's head; a proxy's is a few hundred
@@ -79,12 +81,11 @@ def parse_proxy_url(name: str, text: str) -> HttpProxy:
                                f"an http:// proxy, or list the stream host in no_proxy")
     if not parts.hostname:
         raise ProxyConfigError(f"{name}: the proxy URL names no host")
-    hostport = parts.netloc.rpartition("@")[2]
     if parts.username is None:
-        return HttpProxy(parts.hostname, port, f"http://{hostport}")
+        return HttpProxy(parts.hostname, port, redact_url(text))
     password = unquote(parts.password or "")
     token = base64.b64encode(f"{unquote(parts.username)}:{password}".encode()).decode()
-    return HttpProxy(parts.hostname, port, f"http://{parts.username}:***@{hostport}",
+    return HttpProxy(parts.hostname, port, redact_url(text),
                      f"Basic {token}", tuple(s for s in (token, password) if s))
 
 

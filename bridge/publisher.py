@@ -506,8 +506,7 @@ class Publisher:
 
     def _encode(self, seq: int, ev, republish: bool):
         headers = {**ev.headers, "x-republished": True} if republish else ev.headers
-        exchange = "" if ev.quarantined else self._topology.exchange
-        routing_key = self._topology.quarantine if ev.quarantined else ev.routing_key
+        exchange, routing_key = self._topology.destination(ev.routing_key, ev.quarantined)
         message_id = self._message_id(seq, ev)
         if self._write is None:
             return (exchange, routing_key, ev.body,

@@ -84,6 +84,13 @@ class Topology:
     def with_queues(self, *queues: QueueSpec) -> "Topology":
         return replace(self, extra_queues=self.extra_queues + queues)
 
+    def destination(self, routing_key: str, quarantined: bool) -> tuple[str, str]:
+        """The (exchange, routing key) an event is published to: a quarantined one goes
+        through the default exchange straight to the quarantine queue, where no binding
+        can reach it (docs/contract.md section 3); the bridge and the dead-letters tool
+        alike."""
+        return ("", self.quarantine) if quarantined else (self.exchange, routing_key)
+
     @property
     def own_queue_arguments(self) -> tuple[tuple[str, object], ...]:
         # A classic queue is declared without x-queue-type, which is how a classic queue

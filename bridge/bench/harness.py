@@ -192,16 +192,18 @@ class Bench:
             # the leader's figures are taken) until it has gone quiet after the burst
             # (it forgets what it witnessed after the consumer has it all).
             standby_before = session.standby_meter.cpu_exact() if session.standby_meter else None
-            cpu_before = self.cpu_when_sending(session)
+            self.wait_until_sending(session)
             shares = self.cpu_shares(session)
             written_before = session.meter.written()
             got = self.deliver(session, n)
             written = session.meter.written() - written_before
-            figures = {**_burst(session, n, got["last_delivery"] - got["first_sent"],
-                                session.meter.cpu_exact() - cpu_before),
+            machine = shares.stop(n)
+            # The bridge's own figure is its share's, read over the same stretch.
+            cpu = machine["cpu_seconds_per_10k"]["bridge"] * n / 10_000
+            figures = {**_burst(session, n, got["last_delivery"] - got["first_sent"], cpu),
                        "written_bytes": written, "written_bytes_per_event": written / n,
                        "latency_ms": got["latency_ms"], "duplicates": got["duplicates"],
-                       "machine": shares.stop(n)}
+                       "machine": machine}
             if session.standby_meter:
                 wait_until(lambda: _quiet(session.standby_meter), 60,
                            "the standby to finish witnessing", session.standby)
@@ -406,15 +408,13 @@ class Bench:
 
     # --- waiting, with progress ---------------------------------------------------------
 
-    def cpu_when_sending(self, session: Session) -> float:
-        """The bridge's CPU time once events flow: its start-up is not per-event cost.
-
-        From the scheduler's nanosecond counters (`cpu_exact`; its threads are all up by
-        now): a small burst, read from a prebuilt stream, is tens of milliseconds of CPU
-        spread over threads, which 10 ms ticks could count as none."""
+    def wait_until_sending(self, session: Session) -> None:
+        """Until events flow: the bridge's start-up is not per-event cost. By then its
+        threads are all up, so the scheduler's nanosecond counters that `cpu_shares`
+        reads cover the burst (a small burst, read from a prebuilt stream, is tens of
+        milliseconds of CPU spread over threads, which 10 ms ticks could count as none)."""
         wait_until(lambda: sim_stats(session.sim).get("sent", 0) > 0, 30,
                    f"{session.name} to connect", session.bridge, session.sim, interval=0.01)
-        return session.meter.cpu_exact()
 
     def cpu_shares(self, session: Session) -> CpuShares:
         """Started now: each process's CPU and the machine's (bridge/bench/shares.py)."""

@@ -32,6 +32,7 @@ from bridge.dead_letters import DeadLetter, DeadLetters, path_beside
 from bridge.errors import EXIT_FAILURE, EXIT_OK, BridgeError
 from bridge.log import scrub
 from bridge.tools import broker
+from bridge.topology import Topology
 
 SETTINGS = (broker.SETTINGS
             + tuple(s for s in TOPOLOGY_SETTINGS if s.name == "quarantine")
@@ -89,13 +90,13 @@ def _replay(store: DeadLetters, values: dict, path: Path) -> int:
         return EXIT_OK
     amqp, secrets = amqp_config(values)
     connection = broker.connect(amqp, secrets, "dead-letters")
+    topology = Topology(amqp.exchange, values["unrouted"], values["quarantine"])
     refused: list[tuple[DeadLetter, str]] = []
     try:
         channel = _channel(connection, amqp.exchange, values["unrouted"])
         for entry in entries:
-            quarantined = QUARANTINE_HEADER in entry.headers
-            exchange = "" if quarantined else amqp.exchange
-            key = values["quarantine"] if quarantined else entry.routing_key
+            exchange, key = topology.destination(entry.routing_key,
+                                                 QUARANTINE_HEADER in entry.headers)
             headers = {**entry.headers, "x-republished": True}
             try:
                 channel.basic_publish(exchange, key, entry.body, properties(
