@@ -42,9 +42,11 @@ from bridge.errors import TLSVerificationError, UpstreamUnauthorized
 
 CONNECT_TIMEOUT = 10.0
 AUTH_TIMEOUT = 15.0
-CLOSE_TIMEOUT = 2.0      # on stop, how long to read on while the close handshake runs,
-                         # not counting the time the sink held the reader (a full disk)
-SINK_HELD = 0.05         # seconds in the sink that count as held (waiting), not as work
+CLOSE_TIMEOUT = 2.0      # on stop, how long to read on while the close handshake runs
+# Frames read after our Close are kept in memory until the server's Close, then handed
+# to the sink: what a server sent before it saw our Close is bounded by its buffers;
+# this bounds a server that never stops.
+CLOSE_KEEP_BYTES = 64 * 1024 * 1024
 STOP_CHECK_EVERY = 0.5   # seconds between looks at the stop flag while authenticating
 # What reading a frame raises when the connection is unusable.
 _READ_ERRORS = (frames.ConnectionClosed, frames.ProtocolError, OSError, ValueError)
@@ -89,8 +91,15 @@ class StreamReader:
         self._opening: socket.socket | None = None     # the socket of a connect attempt
         self._context: ssl.SSLContext | None = None
         self._close_deadline: float | None = None
-        self._stop_by = float("inf")       # the latest the close deadline may move to
+        self._stop_by = float("inf")       # the latest the close deadline may be
         self.state = State.CLOSED
+        # Between `stop` (any thread) and the reader: whether the reader is in a sink
+        # call, which may hold it (a full spool), and a Close to send once it returns.
+        self._lock = threading.Lock()
+        self._in_sink = False
+        self._close_pending = False
+        self._kept: list[tuple[frames.Frame, float]] = []     # read while closing
+        self._kept_bytes = 0
         # Seconds to let frames gather in the socket between reads (`pace`); 0: none.
         self._gather = 0.0
 
@@ -114,16 +123,26 @@ class StreamReader:
         """Stop reading; `run` returns after handing what it read to the sink.
 
         While streaming, this starts the websocket close handshake and the reader goes
-        on until the server's Close (or `CLOSE_TIMEOUT` of its own time, or `deadline`,
-        a time.monotonic()): frames the server sent before it saw our Close are on the
-        wire, and the stream cannot send them again.
+        on until the server's Close (or `CLOSE_TIMEOUT`, or `deadline`, a
+        time.monotonic()): frames the server sent before it saw our Close are on the
+        wire, and the stream cannot send them again. Our Close waits while the sink
+        holds the reader (a full spool), and from it to the server's Close the reader
+        only reads: a server gives a client that does not read after its Close a few
+        seconds, then drops the connection with everything it had sent (the
+        simulator: 2 s, and until 2026-12-08 a stop on a full disk lost thousands).
         """
         ws = self._ws
         self._stop_by = deadline
         if self.state is State.STREAMING and ws is not None:
-            self.state = State.CLOSING
-            self._close_deadline = min(time.monotonic() + CLOSE_TIMEOUT, deadline)
+            with self._lock:
+                held = self._in_sink
+                if held:
+                    self._close_pending = True      # sent by the reader (`_left_sink`)
+                else:
+                    self._closing()
             self._stopping.set()
+            if held:
+                return
             try:
                 ws.send_close(reason=b"bridge stopping")
                 return
@@ -339,20 +358,27 @@ class StreamReader:
         self._log.error("stream.unauthorized", detail=detail, retrying=True)
 
     def _stream(self) -> None:
+        try:
+            self._read_frames()
+        finally:
+            self._hand_over_kept()
+        self._sink.flush()
+        self._sink.lost(time.time(), "the bridge is stopping")
+
+    def _read_frames(self) -> None:
         interval, timeout = self._config.ping_interval, self._config.ping_timeout
         last_heard = time.monotonic()
         ping_sent: float | None = None
         flushed_at = float("-inf")
         while True:
             if self._stopping.is_set() and self._closing_done():
-                self._hand_over_what_was_read()
-                break
-            if not self._reader.buffered():
+                self._keep_what_was_read()
+                return
+            if not self._reader.buffered() and self.state is State.STREAMING:
                 started = time.monotonic()
-                self._sink.flush()
+                self._to_sink(self._sink.flush)
                 # Time spent blocked in the sink (a full spool) is not the server's silence.
                 blocked = time.monotonic() - started
-                self._held(blocked)
                 last_heard += blocked
                 ping_sent = None if ping_sent is None else ping_sent + blocked
                 gather = self._gather
@@ -375,26 +401,54 @@ class StreamReader:
                 continue
             last_heard, ping_sent = time.monotonic(), None
             if frame.opcode == frames.CLOSE and self._stopping.is_set():
-                break                     # the server answered our Close: nothing follows
-            if self._close_deadline is None:
-                self._deliver(frame, time.time())
+                return                    # the server answered our Close: nothing follows
+            if frame.opcode in (frames.TEXT, frames.BINARY):
+                self._to_sink(lambda: self._deliver(frame, time.time()), frame)
             else:
-                started = time.monotonic()
                 self._deliver(frame, time.time())
-                self._held(time.monotonic() - started)
-        self._sink.flush()
-        self._sink.lost(time.time(), "the bridge is stopping")
 
-    def _held(self, seconds: float) -> None:
-        """The sink held the reader (waiting for room): while closing, that time is not
-        the server's delay in answering our Close, so the close deadline moves by it."""
-        if self._close_deadline is not None and seconds > SINK_HELD:
-            self._close_deadline = min(self._close_deadline + seconds, self._stop_by)
+    # --- the close handshake, between `stop` and the reader ----------------------------
 
-    def _hand_over_what_was_read(self) -> None:
-        """Past the close deadline (a sink that held the reader on a full disk, a server
-        that never answers Close), the frames already in memory still go to the sink:
-        they were read, and the stream cannot send them again. The socket is not read."""
+    def _closing(self) -> None:
+        """Our Close is (about to be) sent: from now on frames are kept, not delivered.
+        Called with `_lock` held."""
+        self.state = State.CLOSING
+        self._close_deadline = min(time.monotonic() + CLOSE_TIMEOUT, self._stop_by)
+
+    def _to_sink(self, call: Callable[[], None], frame: frames.Frame | None = None) -> None:
+        """`call` the sink, which may hold the reader; once the close handshake has
+        begun, keep `frame` instead (and flush nothing) until the server's Close."""
+        with self._lock:
+            closing = self.state is State.CLOSING
+            self._in_sink = not closing
+        if closing:
+            if frame is not None:
+                self._keep(frame, time.time())
+            return
+        try:
+            call()
+        finally:
+            self._left_sink()
+
+    def _left_sink(self) -> None:
+        with self._lock:
+            self._in_sink = False
+            pending, self._close_pending = self._close_pending, False
+            if pending:
+                self._closing()
+        if pending:
+            self._send(lambda ws: ws.send_close(reason=b"bridge stopping"))
+
+    def _keep(self, frame: frames.Frame, at: float) -> None:
+        self._kept.append((frame, at))
+        self._kept_bytes += len(frame.payload)
+        if self._kept_bytes >= CLOSE_KEEP_BYTES:
+            self._close_deadline = time.monotonic()     # read no more: hand these over
+
+    def _keep_what_was_read(self) -> None:
+        """Past the close deadline (a server that never answers Close), the frames
+        already in memory are kept too: they were read, and the stream cannot send them
+        again. The socket is not read."""
         while True:
             try:
                 frame = self._reader.read_in_memory()
@@ -403,7 +457,14 @@ class StreamReader:
             if frame is None:
                 return
             if frame.opcode in (frames.TEXT, frames.BINARY):
-                self._deliver(frame, time.time())
+                self._keep(frame, time.time())
+
+    def _hand_over_kept(self) -> None:
+        """The frames read during the close handshake, to the sink, in order (it may
+        hold the reader now: the stop's deadline is the sink's to keep)."""
+        kept, self._kept, self._kept_bytes = self._kept, [], 0
+        for frame, at in kept:
+            self._deliver(frame, at)
 
     def _closing_done(self) -> bool:
         return self._close_deadline is None or time.monotonic() >= self._close_deadline

@@ -114,6 +114,8 @@ def test_sigterm_while_the_spools_disk_is_full_loses_nothing(small_fs, rig):  # 
 
     # Stored: the bridge.connected event and the simulator's events up to `stored`.
     stored = int(spooled_when_stuck(rig, first)) - 1
+    # The rest of the stream is in flight: sent, in buffers on either side, not read.
+    rig.wait_sent(sim, 9000)
 
     began = time.monotonic()
     first.signal(signal.SIGTERM)
