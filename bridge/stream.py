@@ -3,7 +3,9 @@
 `StreamReader.run` is a loop over one explicit state machine:
 
     CONNECTING -> AUTHENTICATING -> STREAMING -> (lost) -> BACKOFF -> CONNECTING ...
-                                              -> CLOSING (stop(): close handshake)
+                                              -> CLOSING (stop(): our Close sent, once
+                                                   the sink has let the reader go; frames
+                                                   kept until the server's Close)
                                                    -> CLOSED
 
 A stop() while CONNECTING or AUTHENTICATING abandons the attempt: no authentication,
