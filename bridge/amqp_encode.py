@@ -10,10 +10,9 @@ is a constant prefix around the headers table, the message id and the timestamp.
 Promise: `encode_publish` returns exactly the bytes pika writes for `basic_publish(
 exchange, routing_key, body, BasicProperties(content_type="application/json",
 delivery_mode=2, message_id=..., timestamp=..., app_id="tutum-bridge", headers=...))`
-with that negotiated frame_max, the headers being those `encoded_headers` holds
-(bridge/field_table.py) followed by `headers`, and raises what pika raises
-(`ShortStringTooLong`), and ValueError for a content header larger than frame_max
-(which pika would send, for the broker to close the connection on).
+with that negotiated frame_max, and raises what pika raises (`ShortStringTooLong`), and
+ValueError for a content header larger than frame_max (which pika would send, for the
+broker to close the connection on).
 Header values other than str, bool, int and lists of them go through pika's own
 `encode_table`. tests/test_amqp_encode.py checks this against pika and a broker.
 """
@@ -26,15 +25,15 @@ from functools import lru_cache
 from pika import data, spec
 from pika.exceptions import ShortStringTooLong
 
-from bridge import field_table
-
 CONTENT_TYPE = "application/json"
 APP_ID = "tutum-bridge"
 
 _END = b"\xce"
 _FRAME = struct.Struct(">BHI")             # frame type, channel, payload size
 _HEADER = struct.Struct(">BHIHxxQ")        # the same, then class id, weight, body size
-_MODE_AND_ID_SIZE, _U64 = struct.Struct(">BB"), struct.Struct(">Q")
+_FIELD = struct.Struct(">BI")              # field type, 32-bit length ('S', 'A')
+_INT, _LONG = struct.Struct(">Bi"), struct.Struct(">Bq")
+_MODE_AND_ID_SIZE, _U32, _U64 = struct.Struct(">BB"), struct.Struct(">I"), struct.Struct(">Q")
 
 
 def _short(value) -> bytes:
@@ -71,28 +70,58 @@ def _method_frame(channel_number: int, exchange: str, routing_key: str) -> bytes
     return _FRAME.pack(spec.FRAME_METHOD, channel_number, len(payload)) + payload + _END
 
 
-def _table(headers: dict, encoded: bytes = b"") -> bytes:
-    """The field table of `encoded` entries (an event's own, bridge/field_table.py)
-    followed by those of `headers`, which pika encodes if this module cannot."""
-    raw = field_table.entries(headers) if headers else b""
-    if raw is None:
-        pieces: list[bytes] = []
-        data.encode_table(pieces, headers)
-        raw = b"".join(pieces)[4:]          # its entries, without pika's length
-    return field_table.table(encoded + raw if encoded else raw)
+@lru_cache(maxsize=256)
+def _name(key) -> bytes | None:
+    """A header name as a short string (names repeat); None for a name left to pika."""
+    return _short(key) if type(key) is str else None
+
+
+def _value(value) -> bytes | None:
+    """A field value as pika's `encode_value` writes it; None for a type left to pika."""
+    kind = type(value)
+    if kind is str:
+        raw = value.encode()
+        return _FIELD.pack(83, len(raw)) + raw                           # 'S'
+    if kind is bool:
+        return b"t\x01" if value else b"t\x00"
+    if kind is int:     # pika: 'I' if it fits 32 bits, else 'l'; past 64 bits both raise
+        return _INT.pack(73, value) if -0x80000000 <= value <= 0x7FFFFFFF \
+            else _LONG.pack(108, value)
+    if kind is list:
+        items = [_value(item) for item in value]
+        if None in items:
+            return None
+        raw = b"".join(items)
+        return _FIELD.pack(65, len(raw)) + raw                           # 'A'
+    return None
+
+
+def _table(headers: dict) -> bytes:
+    pieces = []
+    for key, value in headers.items():
+        name = _name(key)
+        if type(value) is str:                 # most values; inlined for speed
+            raw = value.encode()
+            encoded = _FIELD.pack(83, len(raw)) + raw
+        else:
+            encoded = _value(value)
+        if name is None or encoded is None:
+            pieces = []
+            data.encode_table(pieces, headers)
+            return b"".join(pieces)
+        pieces.append(name + encoded)
+    raw = b"".join(pieces)
+    return _U32.pack(len(raw)) + raw
 
 
 def encode_publish(channel_number: int, exchange: str, routing_key: str, body: bytes, *,
-                   message_id: str, timestamp: int, headers: dict, frame_max: int,
-                   encoded_headers: bytes = b"") -> bytes:
+                   message_id: str, timestamp: int, headers: dict, frame_max: int) -> bytes:
     """Method, content header and body frame(s) of one persistent JSON publish.
 
-    The headers are the `encoded_headers` entries, then `headers`: an `Event`'s
-    `encoded_headers` and `headers` (bridge/event.py), in that order.
     `frame_max` is the connection's negotiated maximum (`connection.params.frame_max`
     once open); the body is cut into frames of `frame_max - 8` bytes, as pika does.
     """
-    table = _table(headers, encoded_headers)
+    table = _table(headers)
     mid = message_id.encode()
     if len(mid) > 255:
         raise ShortStringTooLong(mid)

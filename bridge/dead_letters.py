@@ -69,7 +69,7 @@ class DeadLetters:
         self._db.execute(
             "INSERT OR REPLACE INTO dead_letters VALUES (?,?,?,?,?,?,?,?)",
             (seq, message_id, event.received_at, time.time(), event.routing_key,
-             json.dumps(event.all_headers(), default=str), event.body, reason))
+             json.dumps(event.headers, default=str), event.body, reason))
 
     def seqs_after(self, seq: int) -> set[int]:
         """The sequence numbers set aside above `seq` (those the spool may still hold)."""

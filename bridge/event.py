@@ -14,7 +14,6 @@ from decimal import Decimal
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from bridge import field_table
 from bridge.routing import routing_key, routing_word
 
 # Header bounds. RabbitMQ refuses a header frame over its frame_max (128 KiB by
@@ -35,8 +34,7 @@ _PARENT_URI = re.compile(r"/api/v1/([^/]+)/([^/]+)/?\Z")
 class Event:
     """One message to publish, from the moment it is received.
 
-    `encoded_headers` and `headers` together are the AMQP headers docs/contract.md
-    promises (`all_headers`); `quarantined` events go to the
+    `headers` are the AMQP headers docs/contract.md promises; `quarantined` events go to the
     quarantine queue instead of the topic exchange. The spool adds the sequence
     number, from which the publisher derives `message_id`.
     """
@@ -46,22 +44,10 @@ class Event:
     received_at: float
     headers: dict[str, object] = field(default_factory=dict)
     quarantined: bool = False
-    # A classified event's own headers (type, action, state, resource_uri, parents,
-    # parent-<kind>), already in the form they are published in: AMQP field-table
-    # entries (bridge/field_table.py), written once by `classify`. `headers` holds the
-    # rest (the HA identity, a quarantine's reasons); they are published after these.
-    encoded_headers: bytes = b""
 
     @property
     def size(self) -> int:
         return len(self.body)
-
-    def all_headers(self) -> dict[str, object]:
-        """Every header the message carries, as a dict: for the few readers that need
-        one (the dead-letter file, an HA offer, pika's own publish), not the hot path."""
-        if not self.encoded_headers:
-            return dict(self.headers)
-        return {**field_table.decode(self.encoded_headers), **self.headers}
 
 
 class Reason:
@@ -171,8 +157,7 @@ def classify(body: bytes, received_at: float, *, binary: bool = False) -> Event 
     if kind == "auth":
         return None
     key, type_word, action_word = routing_key(kind, obj.get("action"))
-    return Event(key, body, received_at,
-                 encoded_headers=encoded_event_headers(obj, type_word, action_word))
+    return Event(key, body, received_at, event_headers(obj, type_word, action_word))
 
 
 # The routing key of an event whose frame is classified when it is published, not when
@@ -208,7 +193,7 @@ def resolve(event: Event) -> Event:
 def derive_headers(body: bytes) -> dict[str, object]:
     """The headers of a routable event, from its body alone (for the spool's backlog)."""
     event = classify(body, 0.0)
-    return event.all_headers() if event is not None else {}
+    return event.headers if event is not None else {}
 
 
 def header_value(text: str) -> str:
@@ -222,54 +207,38 @@ def header_value(text: str) -> str:
     return text
 
 
-_TYPE, _ACTION, _PARENTS = (field_table.name(n) for n in ("type", "action", "parents"))
-_OPTIONAL = tuple((n, field_table.name(n)) for n in ("state", "resource_uri"))
-_string = field_table.string
-
-
-def encoded_event_headers(obj: dict, type_word: str, action_word: str) -> bytes:
-    """`type`, `action`, `state`, `resource_uri`, `parents` and `parent-<kind>` headers,
-    as field-table entries; a kind's first parent names its `parent-<kind>`."""
-    out = [_TYPE, _string(type_word), _ACTION, _string(action_word)]
+def event_headers(obj: dict, type_word: str, action_word: str) -> dict[str, object]:
+    """`type`, `action`, `state`, `resource_uri`, `parents` and `parent-<kind>` headers."""
+    headers: dict[str, object] = {"type": type_word, "action": action_word}
     # `header_value` only for what it would change: a call a value was a fifth of this.
-    for name, encoded_name in _OPTIONAL:
+    for name in ("state", "resource_uri"):
         value = obj.get(name)
         if isinstance(value, str):
-            out += (encoded_name, _string(value if value.isascii()
-                                          and len(value) <= HEADER_VALUE_MAX
-                                          else header_value(value)))
+            headers[name] = value if value.isascii() and len(value) <= HEADER_VALUE_MAX \
+                else header_value(value)
     parents = obj.get("parents")
     if isinstance(parents, list) and parents:
-        items, kinds, entries = [], set(), []
-        for uri in parents[:PARENTS_MAX]:
-            if not isinstance(uri, str):
-                continue
-            if not uri.isascii() or len(uri) > HEADER_VALUE_MAX:
-                uri = header_value(uri)
-            item, kind, entry = _parent(uri)
-            items.append(item)
-            if kind is not None and kind not in kinds:
-                kinds.add(kind)
-                entries.append(entry)
-        out += (_PARENTS, field_table.strings(items), *entries)
-    return b"".join(out)
+        kept = [p if p.isascii() and len(p) <= HEADER_VALUE_MAX else header_value(p)
+                for p in parents[:PARENTS_MAX] if isinstance(p, str)]
+        headers["parents"] = kept
+        for uri in kept:
+            parent = _parent_header(uri)
+            if parent is not None:
+                headers.setdefault(*parent)
+    return headers
 
 
 @lru_cache(maxsize=1024)
-def _parent(uri: str) -> tuple[bytes, str | None, bytes]:
-    """A parent's URI encoded as an item of `parents`, and its `parent-<kind>` header's
-    name and entry (None, b"" for a URI of no known shape). Cached: the same services,
-    stacks and nodes are the parents of event after event, and the regex, the routing
-    word and the encoding were most of the cost of an event's headers. An entry is
-    about 500 bytes; over 300,000 simulated events, 256 entries hit as often as 8,192
-    (98%: the misses are first sightings), and 8,192 took 3 MB that a soak read as
-    growth."""
-    item = field_table.string(uri)
+def _parent_header(uri: str) -> tuple[str, str] | None:
+    """(`parent-<kind>`, id) for a parent's URI. Cached: the same services, stacks and
+    nodes are the parents of event after event, and the regex and the routing word
+    were most of the cost of an event's headers. An entry is about 350 bytes; over
+    300,000 simulated events, 256 entries hit as often as 8,192 (98%: the misses are
+    first sightings), and 8,192 took 3 MB that a soak read as growth."""
     match = _PARENT_URI.match(uri)
     if match is None:
-        return item, None, b""
-    kind = "parent-" + routing_word(match.group(1))
-    return item, kind, field_table.name(kind) + field_table.string(match.group(2))
+        return None
+    return "parent-" + routing_word(match.group(1)), match.group(2)
 
 
 def excerpt(body: bytes) -> str:

@@ -505,19 +505,15 @@ class Publisher:
         self._advance_confirmed()
 
     def _encode(self, seq: int, ev, republish: bool):
+        headers = {**ev.headers, "x-republished": True} if republish else ev.headers
         exchange, routing_key = self._topology.destination(ev.routing_key, ev.quarantined)
         message_id = self._message_id(seq, ev)
         if self._write is None:
-            headers = ev.all_headers()
-            if republish:
-                headers["x-republished"] = True
             return (exchange, routing_key, ev.body,
                     properties(message_id, int(ev.received_at), headers))
-        headers = {**ev.headers, "x-republished": True} if republish else ev.headers
         return encode_publish(self._channel.channel_number, exchange, routing_key, ev.body,
                               message_id=message_id, timestamp=int(ev.received_at),
-                              headers=headers, encoded_headers=ev.encoded_headers,
-                              frame_max=self._connection.params.frame_max)
+                              headers=headers, frame_max=self._connection.params.frame_max)
 
     def _message_id(self, seq: int, ev) -> str:
         """HA replicas share an event's identity, kept in a header; else the spool's."""

@@ -28,11 +28,9 @@ SQLite database in WAL mode (standard library, crash-safe, fast appends in batch
   back in order from the database, a row
   (a batch) at a time. Memory is bounded by the window and BATCH_BYTES, whatever the
   backlog. Reading back is a decoding, not a new classification: the headers are
-  stored, an event's own already encoded (`Event.encoded_headers`, bytes). A row of
-  the version before those (five fields an event, every header in the dict) reads
-  as it was written. Spools written by earlier versions (a row an event, in a table
-  `events`) are converted at open, in order, a batch at a time; their headers, JSON
-  text or NULL, come from `legacy_headers`, a function the wiring hands in.
+  stored. Spools written by earlier versions (a row an event, in a table `events`)
+  are converted at open, in order, a batch at a time; their headers, JSON text or
+  NULL, come from `legacy_headers`, a function the wiring hands in.
 - Its size is bounded: `has_room()` is false once `max_bytes` of events wait, and
   the reader stops reading the websocket until the publisher makes room.
 - A filesystem that fills up (ENOSPC, EDQUOT, an I/O error on write) is not a crash:
@@ -97,8 +95,7 @@ CREATE TABLE IF NOT EXISTS batches (
     sizes BLOB NOT NULL,            -- each event's counted size, array('q')
     received_at REAL NOT NULL,      -- the last event's
     events BLOB NOT NULL            -- marshal: [(routing_key, body, received_at,
-                                    --            headers, quarantined,
-                                    --            encoded_headers), ...]
+                                    --            headers, quarantined), ...]
 );
 """
 ROW_OVERHEAD = 64          # bytes counted per event beyond body and headers
@@ -260,8 +257,7 @@ class Spool:
                 end += 1
             chunk = events[start:end]
             blob = marshal.dumps([(ev.routing_key, ev.body, ev.received_at, ev.headers,
-                                   ev.quarantined, ev.encoded_headers) for ev in chunk],
-                                 MARSHAL_VERSION)
+                                   ev.quarantined) for ev in chunk], MARSHAL_VERSION)
             share, extra = divmod(len(blob) - body_bytes, len(chunk))
             counted = [len(ev.body) + ROW_OVERHEAD + share for ev in chunk]
             counted[-1] += extra

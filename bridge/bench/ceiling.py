@@ -117,11 +117,10 @@ class Publisher:
         raise NotImplementedError
 
     def encode(self, body: bytes, routing_key: str, message_id: str, timestamp: int,
-               headers: dict, encoded_headers: bytes = b"") -> bytes:
+               headers: dict) -> bytes:
         return encode_publish(self.channel.channel_number, self.args.exchange, routing_key,
                               body, message_id=message_id, timestamp=timestamp,
-                              headers=headers, encoded_headers=encoded_headers,
-                              frame_max=self.connection.params.frame_max)
+                              headers=headers, frame_max=self.connection.params.frame_max)
 
     def _on_open(self, connection) -> None:
         connection.channel(on_open_callback=self._on_channel)
@@ -180,8 +179,7 @@ class BrokerCeiling(Publisher):
 
     def on_ready(self) -> None:
         self.waiting.extend(self.encode(ev.body, ev.routing_key, f"ceiling-{i}",
-                                        int(ev.received_at), ev.headers,
-                                        ev.encoded_headers)
+                                        int(ev.received_at), ev.headers)
                             for i, ev in enumerate(self.events, 1))
         self.complete = True
         self.result["started"] = time.time()

@@ -222,7 +222,7 @@ class HaNode:
             if seq in wanted:
                 ev = resolve(ev)    # classified: a leader of an earlier version expects it
                 events.append({"routing_key": ev.routing_key, "received_at": ev.received_at,
-                               "quarantined": ev.quarantined, "headers": ev.all_headers(),
+                               "quarantined": ev.quarantined, "headers": ev.headers,
                                "body": base64.b64encode(ev.body).decode()})
         if events:
             self._log.info("ha.offer", events=len(events),

@@ -40,7 +40,7 @@ def check_event(event: Event) -> None:
     wire = encode_publish(1, "tutum.events", event.routing_key, event.body,
                           message_id="0123456789abcdef-123456789", timestamp=1,
                           headers={**event.headers, "x-republished": True},
-                          encoded_headers=event.encoded_headers, frame_max=FRAME_MAX)
+                          frame_max=FRAME_MAX)
     method_size = _FRAME.unpack_from(wire)[2]
     header_size = _FRAME.unpack_from(wire, 7 + method_size + 1)[2]
     assert header_size <= FRAME_MAX - 8, f"content header of {header_size} bytes"

@@ -18,7 +18,6 @@ from hypothesis import given, settings, strategies as st
 from pika.connection import Connection
 from pika.exceptions import ShortStringTooLong
 
-from bridge import field_table
 from bridge.amqp_encode import encode_publish
 
 MIN_FRAME, MAX_FRAME = pika.spec.FRAME_MIN_SIZE, pika.spec.FRAME_MAX_SIZE
@@ -142,18 +141,3 @@ def test_identical_to_pika(channel, exchange, routing_key, body, message_id, tim
             encode_publish(channel, exchange, routing_key, body, **kwargs)
         return
     assert encode_publish(channel, exchange, routing_key, body, **kwargs) == expected
-
-
-@settings(max_examples=200, deadline=None)
-@given(own=_headers, extra=_headers)
-def test_encoded_headers_then_the_dict_are_pikas_table_of_both(own, extra):
-    """An event's own headers travel encoded (bridge/field_table.py), the HA identity
-    and `x-republished` in the dict: together, pika's bytes for one table of both."""
-    extra = {k: v for k, v in extra.items() if k not in own}
-    kwargs = dict(message_id="m", timestamp=1, frame_max=MAX_FRAME)
-    try:
-        expected = pika_bytes(1, "e", "k", b"{}", headers={**own, **extra}, **kwargs)
-    except (ShortStringTooLong, UnicodeEncodeError):
-        return
-    assert encode_publish(1, "e", "k", b"{}", headers=extra,
-                          encoded_headers=field_table.entries(own), **kwargs) == expected

@@ -17,7 +17,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge import field_table
 from bridge.event import (HEADER_VALUE_MAX, IDENTITY_HEADER, Reason, classify, defer, quarantine,
                           resolve)
 from tests.support.json_values import any_char, event_objects, json_values, routable_objects
@@ -29,12 +28,6 @@ FRAME_MAX = 131072
 # Room left for the other properties (message_id, timestamp, app_id, x-republished, ...).
 HEADERS_MAX = FRAME_MAX - 4096
 T = 1_700_000_000.25
-
-
-def pika_table(headers: dict) -> bytes:
-    pieces: list[bytes] = []
-    pika.data.encode_table(pieces, headers)
-    return b"".join(pieces)
 
 
 def encoded_size(headers: dict) -> int:
@@ -71,7 +64,7 @@ def test_container_event_headers_are_exactly_the_promised_ones():
     assert event is not None and not event.quarantined
     assert event.routing_key == "container.update"
     assert event.received_at == T
-    assert event.all_headers() == {
+    assert event.headers == {
         "type": "container",
         "action": "update",
         "state": "Running",
@@ -82,23 +75,23 @@ def test_container_event_headers_are_exactly_the_promised_ones():
         "parent-stack": "bbbb2222-0000-4000-8000-000000000002",
         "parent-node": "cccc3333-0000-4000-8000-000000000003",
     }
-    encoded_size(event.all_headers())
+    encoded_size(event.headers)
 
 
 def test_nodes_of_a_node_cluster_carry_the_cluster_uuid():
     body = frame({"type": "node", "action": "create", "state": "Deploying",
                   "parents": ["/api/v1/nodecluster/nc-1/"]})
     event = classify(body, T)
-    assert event.all_headers()["parent-nodecluster"] == "nc-1"
-    assert event.all_headers()["parents"] == ["/api/v1/nodecluster/nc-1/"]
+    assert event.headers["parent-nodecluster"] == "nc-1"
+    assert event.headers["parents"] == ["/api/v1/nodecluster/nc-1/"]
 
 
 def test_absent_state_and_resource_uri_are_absent_headers():
     event = classify(b'{"type": "Service", "action": "Delete"}', T)
     assert event.routing_key == "service.delete"
-    assert event.all_headers()["type"] == "service" and event.all_headers()["action"] == "delete"
-    assert "state" not in event.all_headers() and "resource_uri" not in event.all_headers()
-    assert not any(name.startswith("parent-") for name in event.all_headers())
+    assert event.headers["type"] == "service" and event.headers["action"] == "delete"
+    assert "state" not in event.headers and "resource_uri" not in event.headers
+    assert not any(name.startswith("parent-") for name in event.headers)
 
 
 @pytest.mark.parametrize("body, key", [
@@ -114,7 +107,7 @@ def test_absent_state_and_resource_uri_are_absent_headers():
 def test_keys_and_type_action_headers_agree(body, key):
     event = classify(body, T)
     assert event.routing_key == key
-    assert f"{event.all_headers()['type']}.{event.all_headers()['action']}" == key
+    assert f"{event.headers['type']}.{event.headers['action']}" == key
 
 
 def test_body_is_the_frame_exactly_never_reserialised():
@@ -167,7 +160,7 @@ def test_each_quarantine_reason(body, binary, reason):
     assert event is not None and event.quarantined
     assert event.body == body
     assert event.received_at == T
-    headers = event.all_headers()
+    headers = event.headers
     assert headers["x-quarantine-reason"] == reason
     assert headers["x-frame-opcode"] == ("binary" if binary else "text")
     assert headers["x-frame-bytes"] == len(body)
@@ -184,10 +177,10 @@ def test_oversize_frames_are_quarantined_cut_with_their_real_size():
     event = quarantine(cut, T, Reason.OVERSIZE, "frame of 5000000 bytes over 1048576",
                        size=5_000_000)
     assert event.quarantined and event.body == cut
-    assert event.all_headers()["x-quarantine-reason"] == "oversize"
-    assert event.all_headers()["x-frame-bytes"] == 5_000_000
-    assert event.all_headers()["x-truncated"] is True
-    encoded_size(event.all_headers())
+    assert event.headers["x-quarantine-reason"] == "oversize"
+    assert event.headers["x-frame-bytes"] == 5_000_000
+    assert event.headers["x-truncated"] is True
+    encoded_size(event.headers)
 
 
 # --- header bounds ---------------------------------------------------------------------
@@ -197,12 +190,12 @@ def test_long_values_are_bounded_in_headers():
                             "resource_uri": "/api/v1/container/" + "u" * 100_000 + "/",
                             "parents": [f"/api/v1/service/{i}/" for i in range(10_000)]}), T)
     assert not event.quarantined
-    assert len(event.all_headers()["state"]) <= HEADER_VALUE_MAX
-    assert event.all_headers()["state"] == "S" * len(event.all_headers()["state"])
-    assert len(event.all_headers()["resource_uri"]) <= HEADER_VALUE_MAX
-    assert 1 <= len(event.all_headers()["parents"]) <= 64
-    assert event.all_headers()["parent-service"] == "0"
-    assert encoded_size(event.all_headers()) <= HEADERS_MAX
+    assert len(event.headers["state"]) <= HEADER_VALUE_MAX
+    assert event.headers["state"] == "S" * len(event.headers["state"])
+    assert len(event.headers["resource_uri"]) <= HEADER_VALUE_MAX
+    assert 1 <= len(event.headers["parents"]) <= 64
+    assert event.headers["parent-service"] == "0"
+    assert encoded_size(event.headers) <= HEADERS_MAX
 
 
 def test_headers_fit_in_a_frame_even_when_every_parent_is_long_and_of_its_own_kind():
@@ -214,7 +207,7 @@ def test_headers_fit_in_a_frame_even_when_every_parent_is_long_and_of_its_own_ki
     assert len(body) < 1024 * 1024
     event = classify(body, T)
     assert event is not None and not event.quarantined
-    size = encoded_size(event.all_headers())
+    size = encoded_size(event.headers)
     assert size <= HEADERS_MAX, f"headers encode to {size} bytes; RabbitMQ takes {FRAME_MAX}"
 
 
@@ -222,7 +215,7 @@ def test_parent_kinds_become_safe_header_names():
     event = classify(frame({"type": "container", "action": "update",
                             "parents": ["/api/v1/Weird Kind!/u-1/", "/api/v1/" + "k" * 500 + "/u-2/"]}),
                      T)
-    names = [n for n in event.all_headers() if n.startswith("parent-")]
+    names = [n for n in event.headers if n.startswith("parent-")]
     assert names and all(WORD.fullmatch(n[len("parent-"):]) for n in names)
 
 
@@ -235,7 +228,7 @@ def test_escaped_lone_surrogates_still_make_encodable_headers(field):
     obj[field] = ["/api/v1/service/\ud800/"] if field == "parents" else "x\udc00y"
     event = classify(frame(obj), T)
     assert event is not None and not event.quarantined
-    encoded_size(event.all_headers())
+    encoded_size(event.headers)
 
 
 # --- any frame at all ------------------------------------------------------------------
@@ -257,30 +250,26 @@ def check_any_frame(body: bytes, binary: bool) -> None:
         assert is_event_object and obj["type"] == "auth"
         return
     assert event.body == body
-    headers = event.all_headers()
     if event.quarantined:
         assert not is_event_object
-        assert headers["x-quarantine-reason"] in QUARANTINE_REASONS
-        assert headers["x-quarantine-reason"] in quarantine_reasons(body, binary)
-        assert headers["x-frame-bytes"] == len(body)
-        assert headers["x-frame-opcode"] == ("binary" if binary else "text")
+        assert event.headers["x-quarantine-reason"] in QUARANTINE_REASONS
+        assert event.headers["x-quarantine-reason"] in quarantine_reasons(body, binary)
+        assert event.headers["x-frame-bytes"] == len(body)
+        assert event.headers["x-frame-opcode"] == ("binary" if binary else "text")
     else:
         assert is_event_object and obj["type"] != "auth"
         words = event.routing_key.split(".")
         assert len(words) == 2 and all(WORD.fullmatch(w) for w in words)
         assert words == [spec_type_word(obj["type"]), spec_word(obj.get("action"))]
-        assert [headers["type"], headers["action"]] == words
+        assert [event.headers["type"], event.headers["action"]] == words
         state = obj.get("state")
         if isinstance(state, str) and state.isprintable() and 0 < len(state) <= HEADER_VALUE_MAX:
-            assert headers["state"] == state
+            assert event.headers["state"] == state
     # Bounded and encodable whatever came in.
-    size = encoded_size(headers)
+    size = encoded_size(event.headers)
     assert size <= HEADERS_MAX, f"headers encode to {size} bytes; RabbitMQ takes {FRAME_MAX}"
-    for name in headers:
+    for name in event.headers:
         assert len(name.encode("utf-8", "surrogatepass")) <= 255
-    # What is published is pika's table of those very headers, the encoded ones first.
-    assert field_table.table(event.encoded_headers + field_table.entries(event.headers)) \
-        == pika_table(headers)
 
 
 @given(frames)
@@ -292,7 +281,7 @@ def test_any_frame_is_auth_or_a_routable_event_or_quarantined(case):
 def test_any_json_object_with_a_text_type_is_routed_not_quarantined(obj):
     body = frame(obj)      # ensure_ascii: always valid UTF-8 text
     event = classify(body, T)
-    assert event is not None and not event.quarantined, event.all_headers()
+    assert event is not None and not event.quarantined, event.headers
     check_any_frame(body, False)
 
 
@@ -313,7 +302,7 @@ def check_deferred_is_classified_on_receipt(body: bytes) -> None:
     published = resolve(later)
     assert (published.routing_key, published.body, published.received_at, published.quarantined) \
         == (now.routing_key, now.body, now.received_at, now.quarantined)
-    assert list(published.all_headers().items()) == list(now.all_headers().items())
+    assert list(published.headers.items()) == list(now.headers.items())
 
 
 @given(frames)

@@ -17,7 +17,6 @@ import time
 import pytest
 
 from bridge import spool as spool_mod
-from bridge import field_table
 from bridge.event import Event, classify, derive_headers
 from bridge.spool import Spool, SpoolUnwritable
 from tests.support.wait import wait_for
@@ -36,27 +35,10 @@ def open_spool(path, **kw) -> Spool:
 def test_read_back_gives_the_stored_headers_without_classifying_again(tmp_path):
     spool = open_spool(tmp_path, legacy_headers=lambda body: pytest.fail("classified again"))
     # Headers no function of the body could give: only storing them returns them.
-    spool.append([Event("a.b", b"{}", 1.0, {"only": "stored"},
-                        encoded_headers=field_table.entry("type", "a"))])
+    spool.append([Event("a.b", b"{}", 1.0, {"type": "a", "only": "stored"})])
     [(seq, back)] = spool.read(1, 10)
-    assert (seq, back.routing_key, back.headers, back.encoded_headers, back.body) == (
-        1, "a.b", {"only": "stored"}, field_table.entry("type", "a"), b"{}")
-    assert back.all_headers() == {"type": "a", "only": "stored"}
-    spool.close()
-
-
-def test_a_row_of_the_version_before_encoded_headers_reads_as_written(tmp_path):
-    """Five fields an event, every header in the dict: what a spool of the previous
-    version holds when this one starts on it."""
-    spool = open_spool(tmp_path)
-    spool.append([event(1)])
-    headers = {"type": "container", "action": "update"}
-    blob = marshal.dumps([("container.update", b"{}", 1.0, headers, False)], 4)
-    spool._db.execute("UPDATE batches SET events = ?", (blob,))
-    spool._db.commit()
-    spool._cached = (0, [])
-    [(seq, back)] = spool.read(1, 10)
-    assert (back.headers, back.encoded_headers, back.all_headers()) == (headers, b"", headers)
+    assert (seq, back.routing_key, back.headers, back.body) == (
+        1, "a.b", {"type": "a", "only": "stored"}, b"{}")
     spool.close()
 
 
@@ -82,10 +64,8 @@ def old_spool(path, events: list[tuple[int, Event, object]]) -> None:
 
 def test_a_spool_of_an_earlier_version_is_converted_in_order(tmp_path):
     old, bad = event(1), classify(b"[1]", 2.0)
-    # An earlier version kept every header in the dict: marshal text, JSON or NULL.
-    rows = [(5, old, None), (6, bad, json.dumps(bad.all_headers())),
-            *((seq, event(seq), marshal.dumps(event(seq).all_headers(), 4))
-              for seq in range(7, 12))]
+    rows = [(5, old, None), (6, bad, json.dumps(bad.headers)),
+            *((seq, event(seq), marshal.dumps(event(seq).headers, 4)) for seq in range(7, 12))]
     old_spool(tmp_path, rows)
     spool = open_spool(tmp_path, legacy_headers=derive_headers)
     assert (spool.id, spool.confirmed, spool.last_seq, spool.recovered) == (
@@ -93,8 +73,8 @@ def test_a_spool_of_an_earlier_version_is_converted_in_order(tmp_path):
     assert spool.bytes == sum(len(ev.body) + 100 for _, ev, _ in rows)
     back = spool.read(1, 100)
     assert [seq for seq, _ in back] == list(range(5, 12))
-    assert [(ev.routing_key, ev.body, ev.all_headers(), ev.quarantined) for _, ev in back] == [
-        (ev.routing_key, ev.body, ev.all_headers(), ev.quarantined) for _, ev, _ in rows]
+    assert [(ev.routing_key, ev.body, ev.headers, ev.quarantined) for _, ev in back] == [
+        (ev.routing_key, ev.body, ev.headers, ev.quarantined) for _, ev, _ in rows]
     assert not spool._db.execute(
         "SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone()
     spool.confirm(8)
