@@ -49,6 +49,7 @@ CLOSE_TIMEOUT = 2.0      # on stop, how long to read on while the close handshak
 # to the sink: what a server sent before it saw our Close is bounded by its buffers;
 # this bounds a server that never stops.
 CLOSE_KEEP_BYTES = 64 * 1024 * 1024
+CLOSE_REASON = b"bridge stopping"
 STOP_CHECK_EVERY = 0.5   # seconds between looks at the stop flag while authenticating
 # What reading a frame raises when the connection is unusable.
 _READ_ERRORS = (frames.ConnectionClosed, frames.ProtocolError, OSError, ValueError)
@@ -95,10 +96,11 @@ class StreamReader:
         self._close_deadline: float | None = None
         self._stop_by = float("inf")       # the latest the close deadline may be
         self.state = State.CLOSED
-        # Between `stop` (any thread) and the reader: whether the reader is in a sink
-        # call, which may hold it (a full spool), and a Close to send once it returns.
+        # Between `stop` (any thread) and the reader: whether the reader is waiting on
+        # the socket (anywhere else it may be in the sink, which a full spool holds),
+        # and a Close that `stop` left to the reader to send before it next waits.
         self._lock = threading.Lock()
-        self._in_sink = False
+        self._waiting = False
         self._close_pending = False
         self._kept: list[tuple[frames.Frame, float]] = []     # read while closing
         self._kept_bytes = 0
@@ -137,16 +139,16 @@ class StreamReader:
         self._stop_by = deadline
         if self.state is State.STREAMING and ws is not None:
             with self._lock:
-                held = self._in_sink
-                if held:
-                    self._close_pending = True      # sent by the reader (`_left_sink`)
-                else:
+                waiting = self._waiting
+                if waiting:
                     self._closing()
+                else:
+                    self._close_pending = True      # sent by the reader (`_wait_on_socket`)
             self._stopping.set()
-            if held:
+            if not waiting:
                 return
             try:
-                ws.send_close(reason=b"bridge stopping")
+                ws.send_close(reason=CLOSE_REASON)
                 return
             except (OSError, websocket.WebSocketException):
                 pass
@@ -378,7 +380,7 @@ class StreamReader:
                 return
             if not self._reader.buffered() and self.state is State.STREAMING:
                 started = time.monotonic()
-                self._to_sink(self._sink.flush)
+                self._sink.flush()
                 # Time spent blocked in the sink (a full spool) is not the server's silence.
                 blocked = time.monotonic() - started
                 last_heard += blocked
@@ -392,7 +394,7 @@ class StreamReader:
                 else (timeout - (now - ping_sent))
             if self._close_deadline is not None:
                 wait = min(wait, self._close_deadline - now)
-            frame = self._read(wait)
+            frame = self._read(wait) if self._reader.buffered() else self._wait_on_socket(wait)
             if frame is None:
                 if self._stopping.is_set():
                     continue
@@ -404,8 +406,8 @@ class StreamReader:
             last_heard, ping_sent = time.monotonic(), None
             if frame.opcode == frames.CLOSE and self._stopping.is_set():
                 return                    # the server answered our Close: nothing follows
-            if frame.opcode in (frames.TEXT, frames.BINARY):
-                self._to_sink(lambda: self._deliver(frame, time.time()), frame)
+            if self.state is State.CLOSING and frame.opcode in (frames.TEXT, frames.BINARY):
+                self._keep(frame, time.time())
             else:
                 self._deliver(frame, time.time())
 
@@ -417,29 +419,23 @@ class StreamReader:
         self.state = State.CLOSING
         self._close_deadline = min(time.monotonic() + CLOSE_TIMEOUT, self._stop_by)
 
-    def _to_sink(self, call: Callable[[], None], frame: frames.Frame | None = None) -> None:
-        """`call` the sink, which may hold the reader; once the close handshake has
-        begun, keep `frame` instead (and flush nothing) until the server's Close."""
-        with self._lock:
-            closing = self.state is State.CLOSING
-            self._in_sink = not closing
-        if closing:
-            if frame is not None:
-                self._keep(frame, time.time())
-            return
+    def _wait_on_socket(self, wait: float) -> frames.Frame | None:
+        """`_read` when nothing is buffered, sending first a Close that `stop` left to
+        the reader. Only while the reader waits here may `stop` send the Close itself:
+        anywhere else the reader may be in the sink, held there by a full spool."""
         try:
-            call()
+            with self._lock:
+                self._waiting = True
+                send, self._close_pending = self._close_pending, False
+                if send:
+                    self._closing()
+            if send:
+                self._send(lambda ws: ws.send_close(reason=CLOSE_REASON))
+                wait = min(wait, self._close_deadline - time.monotonic())
+            return self._read(wait)
         finally:
-            self._left_sink()
-
-    def _left_sink(self) -> None:
-        with self._lock:
-            self._in_sink = False
-            pending, self._close_pending = self._close_pending, False
-            if pending:
-                self._closing()
-        if pending:
-            self._send(lambda ws: ws.send_close(reason=b"bridge stopping"))
+            with self._lock:
+                self._waiting = False
 
     def _keep(self, frame: frames.Frame, at: float) -> None:
         self._kept.append((frame, at))
@@ -469,7 +465,8 @@ class StreamReader:
             self._deliver(frame, at)
 
     def _closing_done(self) -> bool:
-        return self._close_deadline is None or time.monotonic() >= self._close_deadline
+        return not self._close_pending and (self._close_deadline is None
+                                            or time.monotonic() >= self._close_deadline)
 
     def _deliver(self, frame: frames.Frame, at: float) -> None:
         if frame.opcode in (frames.TEXT, frames.BINARY):
